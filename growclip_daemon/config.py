@@ -1,0 +1,135 @@
+"""The daemon's one configuration schema: each component's config composed, validated at start.
+
+Loaded from YAML, then `--set key.path=value` overrides (values parsed as YAML scalars). Unknown
+keys are rejected and every error names the offending field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from growclip_stream.growth.config import GrowthConfig
+from growclip_stream.model import ArchConfig, TowerConfig
+from growclip_stream.train.config import TrainConfig
+from growclip_stream.train.loop import LoopConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(Strict):
+    bootstrap: str = "127.0.0.1:9092"  # ignored when embedded: the embedded broker's address is used
+    topic: str = "growclip.pairs"
+    group_id: str = "growclip"
+    embedded: bool = False  # start the bundled Tansu broker on loopback as a child process
+    embedded_port: int = Field(0, ge=0, le=65535)  # 0 = a free port
+    partitions: int = Field(1, ge=1)  # used when the daemon creates the topic
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(1000, ge=100)
+    max_poll_records: int = Field(500, ge=1)
+
+
+class DataSettings(Strict):
+    max_message_bytes: int = Field(2_000_000, ge=1024)
+    max_caption_chars: int = Field(1000, ge=1)
+    max_image_pixels: int = Field(4_000_000, ge=64)
+
+
+class ServeSettings(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)  # 0 = a free port (tests)
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_items: int = Field(256, ge=1)
+    max_text_chars: int = Field(4096, ge=1)
+    admin_token_env: str = "GROWCLIP_ADMIN_TOKEN"  # admin routes are disabled when this variable is unset
+
+
+class ProducerSettings(Strict):
+    """An in-process producer streaming a real dataset into the topic (the demo's data firehose)."""
+
+    enabled: bool = False
+    dataset: str = "fashion-mnist"
+    rate: float = Field(200.0, gt=0)  # records per second
+    limit: int | None = Field(None, ge=1)
+    format: Literal["json", "binary"] = "json"
+
+
+def _default_arch() -> ArchConfig:
+    return ArchConfig(
+        image=TowerConfig(width=32, depth=1, mlp_hidden=64),
+        text=TowerConfig(width=32, depth=1, mlp_hidden=64),
+        shared=TowerConfig(width=32, depth=0, mlp_hidden=64),
+    )
+
+
+class DaemonConfig(Strict):
+    model: ArchConfig = Field(default_factory=_default_arch)  # the initial architecture (a checkpoint's wins)
+    train: TrainConfig = TrainConfig()
+    loop: LoopConfig = LoopConfig()
+    growth: GrowthConfig = GrowthConfig()
+    data: DataSettings = DataSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    serve: ServeSettings = ServeSettings()
+    producer: ProducerSettings = ProducerSettings()
+    pidfile: Path = Path(".state/growclip-daemon.pid")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DaemonConfig:
+        if self.kafka.heartbeat_interval_ms * 3 > self.kafka.session_timeout_ms:
+            raise ValueError("kafka.heartbeat_interval_ms must be at most a third of kafka.session_timeout_ms")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names every bad field."""
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key.path=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set expects key.path=value, got {item!r}")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DaemonConfig:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file not found: {path}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        tree = loaded or {}
+    for item in overrides:
+        _set_path(tree, *parse_override(item))
+    try:
+        return DaemonConfig.model_validate(tree)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+            lines.append(f"{loc}: {e['msg']}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None

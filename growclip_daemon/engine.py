@@ -1,0 +1,326 @@
+"""The daemon: builds every component from the config and runs them as one service tree.
+
+Start order: embedded broker (optional) -> HTTP server (bound early, /healthz answers during the
+slow start) -> training engine -> demo producer (optional). Stop is the reverse: the producer
+stops, the engine finishes its step, the server closes, the broker child is stopped last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from growclip_daemon.broker import EmbeddedBroker
+from growclip_daemon.config import DaemonConfig
+from growclip_daemon.http import AppState, HttpServer, ServeLimits, build_app
+from growclip_daemon.metrics import Metrics
+from growclip_daemon.service import Service, ServiceTree, ThreadService
+from growclip_stream.data.datasets import iter_records
+from growclip_stream.data.images import ImageTransform
+from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, KafkaSourceConfig
+from growclip_stream.data.pipeline import Decoder
+from growclip_stream.data.produce import ensure_topics, produce
+from growclip_stream.data.records import RecordLimits
+from growclip_stream.growth.controller import GrowthController, GrowthEvent
+from growclip_stream.model import GrowCLIP
+from growclip_stream.model.tokenizer import ByteTokenizer
+from growclip_stream.serving import ModelSnapshot, SnapshotStore
+from growclip_stream.train.loop import OnlineLoop
+from growclip_stream.train.trainer import OnlineTrainer, StepStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Facts the services learn while starting (the broker's address) and the stop signal."""
+
+    bootstrap: str
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+    crash: BaseException | None = None
+
+
+class MetricsObserver:
+    """Turns the loop's reports into Prometheus series."""
+
+    def __init__(self, metrics: Metrics, source_label: str) -> None:
+        self.metrics = metrics
+        self.source_label = source_label
+        self.samples_per_s = 0.0
+
+    def on_records(self, counts: dict[str, int]) -> None:
+        for status, n in counts.items():
+            self.metrics.ingest_records.labels(source=self.source_label, status=status).inc(n)
+
+    def on_step(self, stats: StepStats, data_wait_s: float) -> None:
+        m = self.metrics
+        m.train_steps.inc()
+        m.train_samples.inc(stats.batch_size)
+        m.train_loss.set(stats.loss)
+        m.train_step_seconds.observe(stats.seconds)
+        m.train_data_wait.inc(data_wait_s)
+        self.samples_per_s = stats.batch_size / max(stats.seconds + data_wait_s, 1e-9)
+        m.train_throughput.set(self.samples_per_s)
+
+    def on_growth(self, event: GrowthEvent) -> None:
+        self.metrics.growth_events.labels(trigger=event.trigger).inc()
+        self.metrics.growth_last_duration.set(event.duration_s)
+
+    def on_eval(self, loss: float) -> None:
+        self.metrics.eval_loss.set(loss)
+
+
+class BrokerService(Service):
+    name = "broker"
+
+    def __init__(self, runtime: Runtime, port: int, log_path: Path) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.broker = EmbeddedBroker(port=port, log_path=log_path)
+
+    def on_start(self) -> None:
+        self.broker.start()
+        self.runtime.bootstrap = self.broker.bootstrap
+
+    def on_stop(self) -> None:
+        self.broker.stop()
+
+
+class ProducerService(ThreadService):
+    """Streams a real dataset into the topic at a steady rate (the demo's firehose)."""
+
+    name = "producer"
+
+    def __init__(self, cfg: DaemonConfig, runtime: Runtime) -> None:
+        super().__init__(on_crash=None)  # a failed demo producer must not take training or serving down
+        self.cfg = cfg
+        self.runtime = runtime
+
+    def run(self, stop: threading.Event) -> None:
+        p = self.cfg.producer
+        sent = produce(
+            self.runtime.bootstrap,
+            self.cfg.kafka.topic,
+            iter_records(p.dataset, split="train", seed=self.cfg.train.seed, repeat=True),
+            fmt=p.format,
+            rate=p.rate,
+            limit=p.limit,
+            stop=stop,
+        )
+        log.info("producer finished", extra={"records": sent, "dataset": p.dataset})
+
+
+class TrainingService(ThreadService):
+    """Owns the online loop in its own thread; everything else only reads what it publishes."""
+
+    name = "training"
+
+    def __init__(self, cfg: DaemonConfig, runtime: Runtime, store: SnapshotStore, metrics: Metrics) -> None:
+        super().__init__(on_crash=self._crashed)
+        self.cfg = cfg
+        self.runtime = runtime
+        self.store = store
+        self.metrics = metrics
+        self.paused = threading.Event()
+        self.loop: OnlineLoop | None = None
+        self.source: KafkaSource | None = None
+        self.dead_letter: KafkaDeadLetter | None = None
+        self.observer = MetricsObserver(metrics, source_label="kafka")
+        self._last_lag_update = 0.0
+        self._lag: dict[int, int] = {}
+
+    def _crashed(self, err: BaseException) -> None:
+        self.runtime.crash = err
+        self.runtime.stop_requested.set()
+
+    def publish(self, model: GrowCLIP, *, generation: int, step: int, samples_trained: int,
+                growth_history: Sequence[dict]) -> None:
+        snap = ModelSnapshot.capture(
+            model, generation=generation, step=step, samples_trained=samples_trained, growth_history=growth_history
+        )
+        self.store.publish(snap)
+        self.metrics.set_model(snap)
+
+    def on_start(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        if cfg.train.torch_threads:
+            torch.set_num_threads(cfg.train.torch_threads)
+        topic = cfg.kafka.topic
+        ensure_topics(self.runtime.bootstrap, [topic, f"{topic}.dlq"], partitions=cfg.kafka.partitions)
+        self.source = KafkaSource(
+            KafkaSourceConfig(
+                bootstrap=self.runtime.bootstrap,
+                topic=topic,
+                group_id=cfg.kafka.group_id,
+                session_timeout_ms=cfg.kafka.session_timeout_ms,
+                heartbeat_interval_ms=cfg.kafka.heartbeat_interval_ms,
+                max_poll_records=cfg.kafka.max_poll_records,
+            )
+        )
+        self.dead_letter = KafkaDeadLetter(self.runtime.bootstrap, topic)
+        arch = cfg.model
+        limits = RecordLimits(
+            max_message_bytes=cfg.data.max_message_bytes,
+            max_caption_chars=cfg.data.max_caption_chars,
+            max_image_pixels=cfg.data.max_image_pixels,
+        )
+        tokenizer = ByteTokenizer(arch.context_length)
+        self.loop = OnlineLoop(
+            source=self.source,
+            dead_letter=self.dead_letter,
+            decoder=Decoder(ImageTransform(arch.image_size, arch.channels), limits),
+            tokenizer=tokenizer,
+            trainer=OnlineTrainer(GrowCLIP(arch), cfg.train),
+            growth=GrowthController(cfg.growth),
+            cfg=cfg.loop,
+            publish=self.publish,
+            observer=self.observer,
+        )
+        super().on_start()
+
+    def run(self, stop: threading.Event) -> None:
+        if self.loop is None:
+            raise RuntimeError("training service started without a loop")
+        self.loop.run(stop, self.paused, tick=self._update_lag)
+
+    def _update_lag(self) -> None:
+        now = time.monotonic()
+        if self.source is None or now - self._last_lag_update < 2.0:
+            return
+        self._last_lag_update = now
+        self._lag = self.source.lag()
+        for partition, lag in self._lag.items():
+            self.metrics.kafka_lag.labels(topic=self.cfg.kafka.topic, partition=str(partition)).set(lag)
+
+    def on_stop(self) -> None:
+        super().on_stop()  # the loop finishes its step and trains what it consumed
+        if self.dead_letter is not None:
+            self.dead_letter.flush()
+            self.dead_letter.close()
+        if self.source is not None:
+            self.source.close()
+
+    # -- what the HTTP API may ask ----------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        loop = self.loop
+        if loop is None:
+            return {"training": {"state": "starting"}}
+        return {
+            "training": {
+                "state": "paused" if self.paused.is_set() else ("running" if self.alive else "stopped"),
+                "step": loop.trainer.step,
+                "samples_trained": loop.trainer.samples,
+                "samples_per_second": round(self.observer.samples_per_s, 1),
+                "held_out_records": len(loop.holdout),
+                "holdout_loss": loop.last_eval_loss,
+            },
+            "source": {
+                "kind": "kafka",
+                "topic": self.cfg.kafka.topic,
+                "positions": self.source.state_dict() if self.source is not None else {},
+                "lag": {str(p): v for p, v in self._lag.items()},
+            },
+        }
+
+    def request_grow(self) -> dict[str, Any]:
+        if self.loop is None:
+            return {"accepted": False, "reason": "training has not started"}
+        self.loop.request_grow()
+        return {"accepted": True, "detail": "growth runs at the next training step"}
+
+    def request_checkpoint(self) -> dict[str, Any]:
+        return {"accepted": False, "reason": "durable checkpoints are not available in this version"}
+
+    def pause(self) -> dict[str, Any]:
+        self.paused.set()
+        return {"paused": True}
+
+    def resume(self) -> dict[str, Any]:
+        self.paused.clear()
+        return {"paused": False}
+
+
+class HttpService(Service):
+    name = "http"
+
+    def __init__(self, cfg: DaemonConfig, state: AppState) -> None:
+        super().__init__()
+        self.server = HttpServer(build_app(state), cfg.serve.host, cfg.serve.port)
+
+    def on_start(self) -> None:
+        self.server.start()
+        log.info("serving", extra={"url": f"http://{self.server.host}:{self.server.port}"})
+
+    def on_stop(self) -> None:
+        self.server.stop()
+
+
+class Daemon:
+    """The whole process: build, start, wait for a signal or a crash, stop cleanly."""
+
+    def __init__(self, cfg: DaemonConfig) -> None:
+        self.cfg = cfg
+        self.runtime = Runtime(bootstrap=cfg.kafka.bootstrap)
+        self.metrics = Metrics()
+        self.store = SnapshotStore()
+        self.training = TrainingService(cfg, self.runtime, self.store, self.metrics)
+        state = AppState(
+            store=self.store,
+            metrics=self.metrics,
+            limits=ServeLimits(
+                max_request_bytes=cfg.serve.max_request_bytes,
+                max_items=cfg.serve.max_items,
+                max_text_chars=cfg.serve.max_text_chars,
+            ),
+            controls=self.training,
+            admin_token=os.environ.get(cfg.serve.admin_token_env) or None,
+            status_extra=self.training.status,
+        )
+        self.http = HttpService(cfg, state)
+        children: list[Service] = []
+        if cfg.kafka.embedded:
+            children.append(BrokerService(self.runtime, cfg.kafka.embedded_port, self.state_dir / "broker.log"))
+        children += [self.http, self.training]
+        if cfg.producer.enabled:
+            children.append(ProducerService(cfg, self.runtime))
+        self.tree = ServiceTree(children)
+
+    @property
+    def state_dir(self) -> Path:
+        path = self.cfg.pidfile.parent
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def request_stop(self, *_: Any) -> None:
+        if not self.runtime.stop_requested.is_set():
+            log.info("stop requested")
+        self.runtime.stop_requested.set()
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT (or a crashed engine); return the exit code."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.cfg.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        self.cfg.pidfile.write_text(str(os.getpid()))
+        try:
+            self.tree.start()
+            while not self.runtime.stop_requested.wait(1.0):
+                pass
+        finally:
+            self.tree.stop()
+            self.cfg.pidfile.unlink(missing_ok=True)
+        if self.runtime.crash is not None:
+            log.error("stopped after a crash", extra={"error": repr(self.runtime.crash)})
+            return 1
+        log.info("stopped cleanly")
+        return 0

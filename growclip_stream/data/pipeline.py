@@ -1,0 +1,121 @@
+"""From raw stream messages to training batches: decode, validate, split off held-out records, collate.
+
+Every message ends in exactly one place: a training batch, the held-out buffer, or the dead
+letter (with its reason). Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from growclip_stream.data.images import ImageTransform, decode_image
+from growclip_stream.data.records import RecordError, RecordLimits, decode_message, is_held_out
+from growclip_stream.model.tokenizer import ByteTokenizer
+from growclip_stream.train.trainer import Batch
+
+
+class RawMessage(Protocol):
+    """What the pipeline needs of a source's message (Kafka messages and shard rows both fit)."""
+
+    @property
+    def value(self) -> bytes: ...
+    @property
+    def headers(self) -> tuple[tuple[str, bytes], ...]: ...
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    image: torch.Tensor  # (C, H, W) float32
+    caption: str
+
+
+class Decoder:
+    """Decodes one message into a sample or raises RecordError with a stable reason."""
+
+    def __init__(self, transform: ImageTransform, limits: RecordLimits) -> None:
+        self.transform = transform
+        self.limits = limits
+
+    def __call__(self, msg: RawMessage) -> Sample:
+        record = decode_message(msg.value, msg.headers, self.limits)
+        image = self.transform(decode_image(record.image, self.limits))
+        return Sample(record.id, image, record.caption)
+
+
+def collate(samples: Sequence[Sample], tokenizer: ByteTokenizer) -> Batch:
+    return Batch(
+        images=torch.stack([s.image for s in samples]),  # (B, C, H, W)
+        tokens=tokenizer.encode([s.caption for s in samples]),  # (B, T)
+        ids=tuple(s.id for s in samples),
+    )
+
+
+class HoldoutBuffer:
+    """A bounded reservoir sample of the held-out records: a fixed-size, unbiased view of the whole stream."""
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        self.capacity = capacity
+        self.samples: list[Sample] = []
+        self.seen = 0
+        self._rng = random.Random(seed)
+
+    def add(self, sample: Sample) -> None:
+        self.seen += 1
+        if len(self.samples) < self.capacity:
+            self.samples.append(sample)
+            return
+        j = self._rng.randrange(self.seen)
+        if j < self.capacity:
+            self.samples[j] = sample
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def batches(self, batch_size: int, tokenizer: ByteTokenizer) -> Iterator[Batch]:
+        """Full batches only, so that the contrastive loss is comparable across evaluations."""
+        for i in range(0, len(self.samples) - batch_size + 1, batch_size):
+            yield collate(self.samples[i : i + batch_size], tokenizer)
+
+
+class Batcher:
+    """Accumulates decoded training samples and hands out full batches in arrival order."""
+
+    def __init__(self, batch_size: int, tokenizer: ByteTokenizer) -> None:
+        self.batch_size = batch_size
+        self.tokenizer = tokenizer
+        self._pending: deque[Sample] = deque()
+
+    def add(self, sample: Sample) -> None:
+        self._pending.append(sample)
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def drain(self) -> list[Sample]:
+        """Take every pending sample (at shutdown, for a last, smaller batch)."""
+        out = list(self._pending)
+        self._pending.clear()
+        return out
+
+    def next_batch(self) -> Batch | None:
+        if len(self._pending) < self.batch_size:
+            return None
+        return collate([self._pending.popleft() for _ in range(self.batch_size)], self.tokenizer)
+
+
+def route(decoder: Decoder, msg: RawMessage, holdout_fraction: float) -> tuple[str, Sample | RecordError]:
+    """Decode one message and say where it goes: ("trained", sample), ("held_out", sample) or (reason, error)."""
+    try:
+        sample = decoder(msg)
+    except RecordError as err:
+        return err.reason, err
+    if is_held_out(sample.id, holdout_fraction):
+        return "held_out", sample
+    return "trained", sample

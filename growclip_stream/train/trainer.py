@@ -1,0 +1,108 @@
+"""The online trainer: one contrastive AdamW step per batch, and a model swap after growth.
+
+The trainer owns the training model. It knows nothing about where batches come from, when to
+grow, or who serves the weights: the engine around it wires those together.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from growclip_stream.model import ClipLoss, GrowCLIP
+from growclip_stream.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Batch:
+    images: torch.Tensor  # (B, C, H, W) float32
+    tokens: torch.Tensor  # (B, T) int64
+    ids: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    step: int  # step number after this step
+    loss: float
+    lr: float
+    seconds: float
+    batch_size: int
+
+
+def build_optimizer(model: GrowCLIP, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm gains, biases and the temperature stay free)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+class OnlineTrainer:
+    """Trains a GrowCLIP on batches as they arrive; `swap_model` installs a grown model."""
+
+    def __init__(self, model: GrowCLIP, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.loss_fn = ClipLoss()
+        self.step = 0
+        self.samples = 0
+        self._warm_from = 0  # step at which the current (re-)warmup started
+        self._warm_len = cfg.warmup_steps
+        self.model = model.to(self.device).train()
+        self.optimizer = build_optimizer(self.model, cfg)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup from the start (and re-warmup after each growth), then constant: the stream has no end."""
+        if self._warm_len == 0:
+            return self.cfg.lr
+        return self.cfg.lr * min(1.0, (step - self._warm_from + 1) / self._warm_len)
+
+    def train_step(self, batch: Batch) -> StepStats:
+        start = time.perf_counter()
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = batch.images.to(self.device, non_blocking=True)
+        tokens = batch.tokens.to(self.device, non_blocking=True)
+        loss = self.loss_fn(self.model(images, tokens))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        self.samples += len(batch)
+        return StepStats(self.step, float(loss.detach()), lr, time.perf_counter() - start, len(batch))
+
+    @torch.no_grad()
+    def eval_loss(self, batches: Iterable[Batch]) -> float | None:
+        """Mean contrastive loss over held-out batches (None when there are none)."""
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in batches:
+            out = self.model(batch.images.to(self.device), batch.tokens.to(self.device))
+            total += float(self.loss_fn(out)) * len(batch)
+            count += len(batch)
+        self.model.train(was_training)
+        return total / count if count else None
+
+    def swap_model(self, model: GrowCLIP) -> None:
+        """Install a grown model.
+
+        Growth changes parameter shapes, so everything wrapping the parameters (the optimizer
+        here; compile or DDP later) is rebuilt explicitly, and the learning rate re-warms.
+        """
+        self.model = model.to(self.device).train()
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self._warm_from = self.step
+        self._warm_len = self.cfg.rewarm_steps
