@@ -111,7 +111,19 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: sections merge key by key, anything else in `top` replaces what `base` had."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DaemonConfig:
+    """Defaults, deep-merged with the YAML file, then with each `--set` override, validated as a whole."""
     tree: dict[str, Any] = {}
     if path is not None:
         try:
@@ -126,7 +138,7 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
     for item in overrides:
         _set_path(tree, *parse_override(item))
     try:
-        return DaemonConfig.model_validate(tree)
+        return DaemonConfig.model_validate(_merge(DaemonConfig().model_dump(), tree))
     except ValidationError as err:
         lines = []
         for e in err.errors():

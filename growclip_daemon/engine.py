@@ -56,6 +56,8 @@ class MetricsObserver:
         self.metrics = metrics
         self.source_label = source_label
         self.samples_per_s = 0.0
+        self.first_loss: float | None = None
+        self.loss_ema: float | None = None  # smoothed training loss, the trend a person watches
 
     def on_records(self, counts: dict[str, int]) -> None:
         for status, n in counts.items():
@@ -70,6 +72,9 @@ class MetricsObserver:
         m.train_data_wait.inc(data_wait_s)
         self.samples_per_s = stats.batch_size / max(stats.seconds + data_wait_s, 1e-9)
         m.train_throughput.set(self.samples_per_s)
+        if self.first_loss is None:
+            self.first_loss = stats.loss
+        self.loss_ema = stats.loss if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * stats.loss
 
     def on_growth(self, event: GrowthEvent) -> None:
         self.metrics.growth_events.labels(trigger=event.trigger).inc()
@@ -221,6 +226,8 @@ class TrainingService(ThreadService):
                 "step": loop.trainer.step,
                 "samples_trained": loop.trainer.samples,
                 "samples_per_second": round(self.observer.samples_per_s, 1),
+                "loss_first": self.observer.first_loss,
+                "loss_ema": self.observer.loss_ema,
                 "held_out_records": len(loop.holdout),
                 "holdout_loss": loop.last_eval_loss,
             },

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from growclip_stream.growth.config import GrowthConfig
+from growclip_stream.growth.controller import GrowthController, ScheduledPolicy
+from growclip_stream.growth.triggers import DataVolumeTrigger, TriggerState
+from growclip_stream.model import ArchConfig, GrowCLIP, TowerConfig
+
+
+def small_arch() -> ArchConfig:
+    t = TowerConfig(width=16, depth=1, mlp_hidden=32, head_dim=8)
+    return ArchConfig(image=t, text=t, shared=TowerConfig(width=16, depth=0, mlp_hidden=32, head_dim=8), embed_dim=16)
+
+
+def test_data_volume_trigger_scales_with_model_size() -> None:
+    trig = DataVolumeTrigger(samples_per_param=2.0, min_interval_samples=100)
+    assert not trig.fires(TriggerState(samples_since_growth=99, num_params=10))
+    assert trig.fires(TriggerState(samples_since_growth=100, num_params=10))
+    assert not trig.fires(TriggerState(samples_since_growth=1999, num_params=1000))
+    assert trig.fires(TriggerState(samples_since_growth=2000, num_params=1000))
+
+
+def test_controller_grows_on_schedule_and_records_history() -> None:
+    cfg = GrowthConfig(samples_per_param=0.0, min_interval_samples=1000, plan=("deepen:image+1", "deepen:text+1"))
+    ctrl = GrowthController(cfg)
+    model = GrowCLIP(small_arch())
+    assert ctrl.due(999, model.arch.num_params()) is None
+    trigger = ctrl.due(1000, model.arch.num_params())
+    assert trigger == "data_volume"
+    grown = ctrl.grow(model, trigger=trigger, step=10, samples=1000)
+    assert grown is not None
+    model2, event = grown
+    assert model2.arch.image.depth == 2 and model.arch.image.depth == 1
+    assert event.generation == 1 and event.ops == ("deepen:image+1",)
+    assert event.params_after > event.params_before
+    assert ctrl.due(1999, model2.arch.num_params()) is None  # counted from the last growth
+    _, event2 = ctrl.grow(model2, trigger="forced", step=11, samples=1100) or (None, None)
+    assert event2 is not None and event2.ops == ("deepen:text+1",) and ctrl.generation == 2
+    assert [e["generation"] for e in ctrl.state_dict()["history"]] == [1, 2]
+
+
+def test_policy_skips_operators_over_bounds() -> None:
+    arch = small_arch()
+    cap = arch.num_params() + 1  # nothing that adds parameters fits
+    policy = ScheduledPolicy(GrowthConfig(max_params=cap, plan=("widen:image*2", "deepen:text+1")))
+    assert policy.choose(GrowCLIP(arch)) is None
+    flops_bound = ScheduledPolicy(GrowthConfig(max_flops_factor=1.05, plan=("widen:image*2", "widen_mlp:text+8")))
+    choice = flops_bound.choose(GrowCLIP(arch))
+    assert choice is not None and [str(o) for o in choice.ops] == ["widen_mlp:text+8"]
+    assert "FLOPs" in choice.candidates[0]["verdict"]
+
+
+def test_max_growths_caps_history() -> None:
+    ctrl = GrowthController(GrowthConfig(samples_per_param=0, min_interval_samples=1, max_growths=1))
+    model = GrowCLIP(small_arch())
+    assert ctrl.grow(model, trigger="t", step=1, samples=1) is not None
+    assert ctrl.due(10_000, model.arch.num_params()) is None
+
+
+def test_growth_config_rejects_bad_plan() -> None:
+    with pytest.raises(ValueError, match="nonsense"):
+        GrowthConfig(plan=("nonsense",))
+
+
+def test_grown_model_is_seeded_reproducibly() -> None:
+    cfg = GrowthConfig(plan=("widen:image*2",), seed=3)
+    torch.manual_seed(0)
+    base = GrowCLIP(small_arch())
+    a = GrowthController(cfg).grow(base, trigger="t", step=0, samples=0)
+    b = GrowthController(cfg).grow(base, trigger="t", step=0, samples=0)
+    assert a is not None and b is not None
+    for pa, pb in zip(a[0].parameters(), b[0].parameters(), strict=True):
+        assert torch.equal(pa, pb)
