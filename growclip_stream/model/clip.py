@@ -1,0 +1,366 @@
+"""GrowCLIP: a CLIP-style image-text dual encoder with a shared encoder, in one file.
+
+Composition (OpenCLIP-like):
+
+    images (B, C, S, S) -> patch embedding, class token, positions -> image blocks -> image.to_shared
+    tokens (B, L)       -> token embedding, positions -> text blocks (causal)   -> text.to_shared
+    each modality then  -> shared blocks (same weights; causal for text) -> pool (image: class token,
+                           text: first EOS) -> ln_post -> proj (no bias) -> L2 normalise
+
+All blocks are pre-LayerNorm transformer blocks (attention, then a GELU MLP). The shape of the whole
+model lives in one frozen `ArchConfig`; growth (growclip_stream.growth.operators) builds a new model
+from a new config, so `GrowCLIP.arch` is always the single source of truth for the current shape.
+State-dict keys are part of the growth operators' contract: towers are `image`, `text`, `shared`,
+each with `blocks.<i>`; see `Block` for the names inside a block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from growclip_stream.model.tokenizer import EOS_ID, VOCAB_SIZE
+
+TowerName = Literal["image", "text", "shared"]
+TOWER_NAMES: tuple[TowerName, ...] = ("image", "text", "shared")
+INIT_STD = 0.02  # std of every freshly initialised weight matrix, embedding and token (growth reuses it)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def _check_int(owner: str, name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{owner}.{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}.{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """Shape of one stack of transformer blocks (a modality tower or the shared encoder)."""
+
+    width: int  # residual width: channels of every token in this stack
+    depth: int  # number of transformer blocks (0 allowed: the shared encoder may be empty)
+    mlp_hidden: int  # hidden units of each block's MLP
+    head_dim: int = 16  # channels per attention head; heads = width // head_dim, so heads follow width
+
+    __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012  (read by pydantic, not a field)
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("width", 1), ("depth", 0), ("mlp_hidden", 1), ("head_dim", 1)):
+            _check_int("TowerConfig", name, getattr(self, name), minimum)
+        if self.width % self.head_dim:
+            raise ValueError(
+                f"TowerConfig.width ({self.width}) must be a multiple of head_dim ({self.head_dim})"
+            )
+
+    @property
+    def heads(self) -> int:
+        return self.width // self.head_dim
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """The whole model's shape. Growth changes the towers only; everything else is fixed for life."""
+
+    image: TowerConfig
+    text: TowerConfig
+    shared: TowerConfig  # shared encoder used by both modalities (depth may be 0)
+    embed_dim: int = 64  # joint embedding size served by the API: NEVER changes under growth
+    image_size: int = 28  # input images are (channels, image_size, image_size)
+    patch_size: int = 7  # image_size must be a multiple of it
+    channels: int = 1
+    context_length: int = 32  # text tokens per caption, BOS and EOS included
+    vocab_size: int = VOCAB_SIZE
+
+    __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012  (read by pydantic, not a field)
+
+    def __post_init__(self) -> None:
+        for tower in TOWER_NAMES:
+            if not isinstance(getattr(self, tower), TowerConfig):
+                raise ValueError(f"ArchConfig.{tower} must be a TowerConfig, got {getattr(self, tower)!r}")
+        for name in ("embed_dim", "image_size", "patch_size", "channels"):
+            _check_int("ArchConfig", name, getattr(self, name), 1)
+        _check_int("ArchConfig", "context_length", self.context_length, 2)
+        _check_int("ArchConfig", "vocab_size", self.vocab_size, VOCAB_SIZE)
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"ArchConfig.image_size ({self.image_size}) must be a multiple of "
+                f"patch_size ({self.patch_size})"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def image_tokens(self) -> int:
+        return self.num_patches + 1  # patches + class token
+
+    def tower(self, name: TowerName) -> TowerConfig:
+        if name not in TOWER_NAMES:
+            raise ValueError(f"unknown tower {name!r}; expected one of {TOWER_NAMES}")
+        cfg: TowerConfig = getattr(self, name)
+        return cfg
+
+    def replace_tower(self, name: TowerName, cfg: TowerConfig) -> ArchConfig:
+        self.tower(name)  # validates the name
+        changes: dict[str, Any] = {name: cfg}
+        return replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Parameter count, from the config alone (equals the built model's, checked by a test)."""
+        i, t, s = self.image, self.text, self.shared
+        image = (
+            self.channels * self.patch_size**2 * i.width  # patch embedding (no bias)
+            + i.width  # class token
+            + self.image_tokens * i.width  # positional embedding
+            + i.depth * _block_params(i)
+            + i.width * s.width
+            + s.width  # to_shared
+        )
+        text = (
+            self.vocab_size * t.width  # token embedding
+            + self.context_length * t.width  # positional embedding
+            + t.depth * _block_params(t)
+            + t.width * s.width
+            + s.width  # to_shared
+        )
+        head = 2 * s.width + s.width * self.embed_dim + 1  # ln_post, proj (no bias), logit_scale
+        return image + text + s.depth * _block_params(s) + head
+
+    def flops_per_sample(self) -> int:
+        """Forward FLOPs of one (image, text) pair: matmuls and attention, 2 FLOPs per multiply-add.
+
+        A block over T tokens of width w with MLP hidden h costs 2·T·(3w² + w² + 2wh) for the qkv,
+        output and MLP projections plus 4·T²·w for the attention scores and the weighted sum (the
+        causal mask is not discounted). Image: 2·P·(C·p²)·w_img for the patch embedding (P patches),
+        image blocks over T_img = P + 1 tokens, then 2·T_img·w_img·w_shared for to_shared and the
+        shared blocks over T_img tokens. Text: text blocks over L = context_length tokens (padding
+        included), 2·L·w_txt·w_shared, the shared blocks over L tokens. Head: 2·w_shared·embed_dim per
+        modality on the pooled token. Embedding lookups, LayerNorm, GELU, softmax and the batch
+        similarity matrix are not counted.
+        """
+        i, t, s = self.image, self.text, self.shared
+        ti, tt = self.image_tokens, self.context_length
+        image = (
+            2 * self.num_patches * self.channels * self.patch_size**2 * i.width
+            + i.depth * _block_flops(i, ti)
+            + 2 * ti * i.width * s.width
+            + s.depth * _block_flops(s, ti)
+        )
+        text = t.depth * _block_flops(t, tt) + 2 * tt * t.width * s.width + s.depth * _block_flops(s, tt)
+        head = 2 * (2 * s.width * self.embed_dim)
+        return image + text + head
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe nested dict; `from_dict` inverts it."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ArchConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"ArchConfig: unknown keys {unknown}")
+        kwargs = dict(d)
+        for name in TOWER_NAMES:
+            if name not in kwargs:
+                raise ValueError(f"ArchConfig.{name} is missing")
+            tower = kwargs[name]
+            if isinstance(tower, dict):
+                tower_unknown = sorted(set(tower) - {f.name for f in fields(TowerConfig)})
+                if tower_unknown:
+                    raise ValueError(f"ArchConfig.{name}: unknown keys {tower_unknown}")
+                kwargs[name] = TowerConfig(**tower)
+        return cls(**kwargs)
+
+
+def _block_params(c: TowerConfig) -> int:
+    w, h = c.width, c.mlp_hidden
+    # 2 LayerNorms (4w), qkv (3w² + 3w), out (w² + w), fc1 (wh + h), fc2 (hw + w)
+    return 4 * w * w + 2 * w * h + 9 * w + h
+
+
+def _block_flops(c: TowerConfig, tokens: int) -> int:
+    w, h = c.width, c.mlp_hidden
+    return 2 * tokens * (4 * w * w + 2 * w * h) + 4 * tokens * tokens * w
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention. qkv output is laid out [q | k | v], each split into heads in order."""
+
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.out = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
+        q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        v = v.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C), heads side by side
+        return self.out(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_hidden)
+        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.width)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.width)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    for block in blocks:
+        x = block(x, causal)
+    return x
+
+
+class Transformer(nn.Module):
+    """A stack of blocks; the shared encoder (depth 0 is the identity)."""
+
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        return _run_blocks(self.blocks, x, causal)
+
+
+class ImageTower(nn.Module):
+    """Patches -> tokens of the shared width: (B, C, S, S) -> (B, 1 + patches, shared width)."""
+
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        w, p = arch.image.width, arch.patch_size
+        self.patch_embed = nn.Conv2d(arch.channels, w, kernel_size=p, stride=p, bias=False)
+        self.class_token = nn.Parameter(torch.randn(w) * INIT_STD)
+        self.pos_embed = nn.Parameter(torch.randn(arch.image_tokens, w) * INIT_STD)
+        self.blocks = nn.ModuleList(Block(arch.image) for _ in range(arch.image.depth))
+        self.to_shared = nn.Linear(w, arch.shared.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # (B, w, S/p, S/p)
+        x = x.flatten(2).transpose(1, 2)  # (B, P, w)
+        cls = self.class_token.expand(x.shape[0], 1, -1)  # (B, 1, w)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + P, w)
+        return self.to_shared(_run_blocks(self.blocks, x, causal=False))  # (B, 1 + P, shared width)
+
+
+class TextTower(nn.Module):
+    """Token ids -> tokens of the shared width: (B, T) -> (B, T, shared width), causal."""
+
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        w = arch.text.width
+        self.token_embed = nn.Embedding(arch.vocab_size, w)
+        self.pos_embed = nn.Parameter(torch.randn(arch.context_length, w) * INIT_STD)
+        self.blocks = nn.ModuleList(Block(arch.text) for _ in range(arch.text.depth))
+        self.to_shared = nn.Linear(w, arch.shared.width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.token_embed(tokens) + self.pos_embed[: tokens.shape[1]]  # (B, T, w)
+        return self.to_shared(_run_blocks(self.blocks, x, causal=True))  # (B, T, shared width)
+
+
+def init_weights(module: nn.Module, generator: torch.Generator | None = None) -> None:
+    """The model's initialisation of linear/conv/embedding/LayerNorm layers (growth reuses it)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear | nn.Conv2d | nn.Embedding):
+            nn.init.normal_(m.weight, std=INIT_STD, generator=generator)
+            bias = getattr(m, "bias", None)
+            if bias is not None:
+                nn.init.zeros_(bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+@dataclass(frozen=True)
+class ClipOutput:
+    image_embeds: torch.Tensor  # (B, embed_dim), L2-normalised
+    text_embeds: torch.Tensor  # (B, embed_dim), L2-normalised
+    logit_scale: torch.Tensor  # scalar, already exp()'d and clamped to <= 100
+
+
+class GrowCLIP(nn.Module):
+    """The dual encoder. Build a new one to change shape (growth does); `arch` is never mutated."""
+
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.arch = arch
+        self.image = ImageTower(arch)
+        self.text = TextTower(arch)
+        self.shared = Transformer(arch.shared)
+        self.ln_post = nn.LayerNorm(arch.shared.width)
+        self.proj = nn.Linear(arch.shared.width, arch.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        init_weights(self)
+
+    def _head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(self.ln_post(pooled)), dim=-1)  # (B, embed_dim)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        a = self.arch
+        if images.dim() != 4 or tuple(images.shape[1:]) != (a.channels, a.image_size, a.image_size):
+            raise ValueError(
+                f"images must be (B, {a.channels}, {a.image_size}, {a.image_size}), got {tuple(images.shape)}"
+            )
+        x = self.shared(self.image(images), causal=False)  # (B, 1 + P, shared width)
+        return self._head(x[:, 0])  # class token
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 2 or not 1 <= tokens.shape[1] <= self.arch.context_length:
+            raise ValueError(
+                f"tokens must be (B, T) with T <= {self.arch.context_length}, got {tuple(tokens.shape)}"
+            )
+        x = self.shared(self.text(tokens), causal=True)  # (B, T, shared width)
+        eos = (tokens == EOS_ID).int().argmax(dim=1)  # (B,) first EOS (0, i.e. BOS, if none)
+        return self._head(x[torch.arange(x.shape[0], device=x.device), eos])
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> ClipOutput:
+        return ClipOutput(
+            image_embeds=self.encode_image(images),
+            text_embeds=self.encode_text(tokens),
+            logit_scale=self.logit_scale.exp().clamp(max=100.0),
+        )
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE: pair i is the positive for row i and column i of the similarity matrix."""
+
+    def forward(self, out: ClipOutput) -> torch.Tensor:
+        logits = out.logit_scale * out.image_embeds @ out.text_embeds.T  # (B, B) image x text
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

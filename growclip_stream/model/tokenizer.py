@@ -1,0 +1,61 @@
+"""Offline byte-level tokenizer.
+
+Why bytes: the daemon runs where no vocabulary can be downloaded at run time, so the tokenizer must
+ship no data files; and a stream of captions may hold any text (any script, emoji, stray control
+characters). Using the 256 UTF-8 byte values as tokens needs no vocabulary and never fails on any
+input: every string has a UTF-8 encoding (lone surrogates are replaced), and every byte is a token.
+The cost is longer sequences than a BPE vocabulary gives, which is fine for short captions.
+
+Ids: 0..255 are the bytes, then three special tokens. A sequence is
+``BOS, bytes..., EOS, PAD, PAD, ...`` of exactly ``context_length`` ids. Long captions are cut to
+``context_length - 2`` bytes, at a character boundary, so that EOS (the token the text tower pools)
+is always present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
+VOCAB_SIZE = 259
+
+
+def _truncate_utf8(data: bytes, limit: int) -> bytes:
+    """Cut ``data`` to at most ``limit`` bytes without leaving a partial multi-byte character."""
+    if len(data) <= limit:
+        return data
+    # Decoding with errors="ignore" drops only the incomplete sequence at the cut.
+    return data[:limit].decode("utf-8", errors="ignore").encode("utf-8")
+
+
+class ByteTokenizer:
+    """Turns strings into fixed-length id tensors: ``BOS, utf-8 bytes, EOS, PAD...``."""
+
+    def __init__(self, context_length: int) -> None:
+        if context_length < 2:
+            raise ValueError(f"context_length must be >= 2 (room for BOS and EOS), got {context_length}")
+        self.context_length = context_length
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Encode a batch of strings to a (B, context_length) int64 tensor."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a sequence of strings, not a single string")
+        out = torch.full((len(texts), self.context_length), PAD_ID, dtype=torch.int64)
+        for i, text in enumerate(texts):
+            data = _truncate_utf8(text.encode("utf-8", errors="replace"), self.context_length - 2)
+            ids = [BOS_ID, *data, EOS_ID]
+            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        return out
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Inverse of ``encode`` for one sequence: the bytes up to the first EOS (for debugging)."""
+        values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        data = bytearray()
+        for v in values:
+            if v == EOS_ID:
+                break
+            if v < 256:
+                data.append(v)
+        return data.decode("utf-8", errors="replace")
