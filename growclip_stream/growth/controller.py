@@ -70,6 +70,8 @@ class ScheduledPolicy:
 
     def _check(self, arch: ArchConfig, op: GrowthOp) -> tuple[ArchConfig | None, str]:
         grown = grow_arch(arch, op)
+        if grown.num_params() == arch.num_params():
+            return None, "adds no parameters (e.g. widening the MLP of a tower without blocks)"
         if grown.num_params() > self.max_params:
             return None, f"over max_params ({grown.num_params()} > {self.max_params})"
         factor = grown.flops_per_sample() / arch.flops_per_sample()

@@ -50,6 +50,13 @@ def test_policy_skips_operators_over_bounds() -> None:
     assert "FLOPs" in choice.candidates[0]["verdict"]
 
 
+def test_policy_skips_operators_that_add_nothing() -> None:
+    policy = ScheduledPolicy(GrowthConfig(plan=("widen_mlp:shared+8", "deepen:shared+1")))
+    choice = policy.choose(GrowCLIP(small_arch()))  # the shared encoder has no blocks yet
+    assert choice is not None and [str(o) for o in choice.ops] == ["deepen:shared+1"]
+    assert "adds no parameters" in choice.candidates[0]["verdict"]
+
+
 def test_max_growths_caps_history() -> None:
     ctrl = GrowthController(GrowthConfig(samples_per_param=0, min_interval_samples=1, max_growths=1))
     model = GrowCLIP(small_arch())
