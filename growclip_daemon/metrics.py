@@ -1,0 +1,228 @@
+"""Every Prometheus series the daemon exports, on one injectable registry.
+
+All names carry the ``growclip_`` prefix and follow the Prometheus naming conventions: base units
+in the name (``_seconds``, ``_bytes``), ``_total`` on counters and only on counters, and a help
+text on every family, so that ``promtool check metrics`` has nothing to say about them.
+
+``Metrics()`` creates its own ``CollectorRegistry`` (never the process-global default), so two
+instances, e.g. two daemons in one test process, never clash. Label values are kept to small,
+bounded sets: routes are templates (not raw paths), ingest status is ``trained``, ``held_out`` or
+a ``RecordError`` reason, Kafka lag is per assigned partition.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from growclip_stream.serving import ModelSnapshot
+
+NAMESPACE = "growclip"
+
+GROWTH_PHASES = ("idle", "selecting", "training_supernet", "inheriting", "done")
+"""States of ``growclip_growth_phase``; the first is the initial state."""
+
+GROWTH_TRIGGERS = ("plateau", "data_volume", "forced")
+"""Known growth triggers, pre-created at zero so that ``rate()`` works from the first event."""
+
+TOWERS = ("image", "text", "shared", "total")
+"""Label values of ``growclip_model_parameters``."""
+
+# Buckets, chosen for what each histogram measures on the machines we run on: a CPU training step
+# takes tens of milliseconds to seconds, a GPU step a few milliseconds; an HTTP request from a
+# sub-millisecond health check to a multi-second batch of 256 images on a busy CPU.
+TRAIN_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+HTTP_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+CHECKPOINT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """The product's metric families. Attributes are the prometheus_client objects themselves."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ns = NAMESPACE
+
+        # --- training ---------------------------------------------------------------------------
+        self.train_samples = Counter(
+            "train_samples", "Image-text pairs the trainer has trained on.", namespace=ns, registry=r
+        )
+        self.train_steps = Counter("train_steps", "Optimizer steps taken.", namespace=ns, registry=r)
+        self.train_loss = Gauge(
+            "train_loss", "Contrastive loss of the last training step.", namespace=ns, registry=r
+        )
+        self.train_step_seconds = Histogram(
+            "train_step_duration_seconds",
+            "Wall time of one training step (forward, backward, optimizer), data wait excluded.",
+            namespace=ns,
+            registry=r,
+            buckets=TRAIN_STEP_BUCKETS,
+        )
+        self.train_throughput = Gauge(
+            "train_samples_per_second",
+            "Training throughput, smoothed over recent steps.",
+            namespace=ns,
+            registry=r,
+        )
+        self.train_data_wait = Counter(
+            "train_data_wait_seconds",
+            "Time the trainer spent waiting for the next batch.",
+            namespace=ns,
+            registry=r,
+        )
+        self.eval_loss = Gauge(
+            "eval_holdout_loss",
+            "Contrastive loss of the current model on held-out records (never trained on).",
+            namespace=ns,
+            registry=r,
+        )
+
+        # --- evaluation -------------------------------------------------------------------------
+        self.eval_zeroshot_top1 = Gauge(
+            "eval_zeroshot_top1_ratio",
+            "Zero-shot classification top-1 accuracy of the current model, per evaluation suite.",
+            ["suite"],
+            namespace=ns,
+            registry=r,
+        )
+        self.eval_recall = Gauge(
+            "eval_retrieval_recall_ratio",
+            "Retrieval recall@k of the current model, per suite and direction.",
+            ["suite", "direction", "k"],
+            namespace=ns,
+            registry=r,
+        )
+
+        # --- model ------------------------------------------------------------------------------
+        self.model_generation = Gauge(
+            "model_version",
+            "Architecture generation of the published model (grows by 1 per growth).",
+            namespace=ns,
+            registry=r,
+        )
+        self.model_step = Gauge(
+            "model_step", "Trainer step of the published model snapshot.", namespace=ns, registry=r
+        )
+        self.model_published = Gauge(
+            "model_published_timestamp_seconds",
+            "Unix time the serving snapshot was last published.",
+            namespace=ns,
+            registry=r,
+        )
+        self.model_parameters = Gauge(
+            "model_parameters",
+            "Parameters of the published model, per tower and in total.",
+            ["tower"],
+            namespace=ns,
+            registry=r,
+        )
+        self.model_flops = Gauge(
+            "model_flops_per_sample",
+            "Forward FLOPs for one image-text pair through the published model.",
+            namespace=ns,
+            registry=r,
+        )
+        for tower in TOWERS:
+            self.model_parameters.labels(tower=tower)
+        # Unknown until measured: NaN, not a zero loss that a dashboard would believe.
+        self.train_loss.set(math.nan)
+        self.eval_loss.set(math.nan)
+
+        # --- growth -----------------------------------------------------------------------------
+        self.growth_events = Counter(
+            "growth_events",
+            "Completed architecture growths, by trigger.",
+            ["trigger"],
+            namespace=ns,
+            registry=r,
+        )
+        for trigger in GROWTH_TRIGGERS:
+            self.growth_events.labels(trigger=trigger)
+        self.growth_phase = Enum(
+            "growth_phase",
+            "Phase of the growth controller.",
+            namespace=ns,
+            registry=r,
+            states=list(GROWTH_PHASES),
+        )
+        self.growth_last_duration = Gauge(
+            "growth_last_duration_seconds",
+            "Wall time of the last completed growth (selection, supernet, inheriting).",
+            namespace=ns,
+            registry=r,
+        )
+
+        # --- ingest / kafka ---------------------------------------------------------------------
+        self.ingest_records = Counter(
+            "ingest_records",
+            "Records read from a source, by outcome: trained, held_out, or the reason it was rejected.",
+            ["source", "status"],
+            namespace=ns,
+            registry=r,
+        )
+        self.kafka_lag = Gauge(
+            "kafka_consumer_lag_records",
+            "Records between the consumer position and the high watermark, per assigned partition.",
+            ["topic", "partition"],
+            namespace=ns,
+            registry=r,
+        )
+
+        # --- checkpoints ------------------------------------------------------------------------
+        self.checkpoint_seconds = Histogram(
+            "checkpoint_duration_seconds",
+            "Wall time to write one checkpoint durably.",
+            namespace=ns,
+            registry=r,
+            buckets=CHECKPOINT_BUCKETS,
+        )
+        self.checkpoint_last_success = Gauge(
+            "checkpoint_last_success_timestamp_seconds",
+            "Unix time of the last checkpoint that was written durably.",
+            namespace=ns,
+            registry=r,
+        )
+        self.checkpoint_failures = Counter(
+            "checkpoint_failures", "Checkpoint writes that failed.", namespace=ns, registry=r
+        )
+
+        # --- serving ----------------------------------------------------------------------------
+        self.http_requests = Counter(
+            "http_requests",
+            "HTTP requests answered, by route template, method and status code.",
+            ["route", "method", "code"],
+            namespace=ns,
+            registry=r,
+        )
+        self.http_latency = Histogram(
+            "http_request_duration_seconds",
+            "Time from the start of a request to the end of its answer, by route template.",
+            ["route"],
+            namespace=ns,
+            registry=r,
+            buckets=HTTP_LATENCY_BUCKETS,
+        )
+        self.http_in_flight = Gauge(
+            "http_requests_in_flight", "HTTP requests being answered now.", namespace=ns, registry=r
+        )
+        self.serve_batch_size = Histogram(
+            "serve_batch_size",
+            "Items (texts and images) per embeddings request.",
+            namespace=ns,
+            registry=r,
+            buckets=BATCH_SIZE_BUCKETS,
+        )
+
+    def set_model(self, snap: ModelSnapshot) -> None:
+        """Point the model series at a newly published snapshot."""
+        self.model_generation.set(snap.generation)
+        self.model_step.set(snap.step)
+        self.model_published.set(snap.published_at)
+        for tower, count in snap.parameters_by_tower().items():
+            self.model_parameters.labels(tower=tower).set(count)
+        self.model_flops.set(snap.arch.flops_per_sample())

@@ -1,0 +1,215 @@
+"""The immutable model snapshot that serving reads, and the store it is published to.
+
+The trainer owns the training model and changes it in place every step, and replaces it on
+growth. Serving never touches it: the trainer *captures* a snapshot (a private deep copy, in eval
+mode, without gradients) and *publishes* it to a :class:`SnapshotStore`, which swaps one reference.
+A request reads ``store.current`` once and uses that snapshot for all its work, so it sees one
+consistent model even when a growth is published while it runs, and never races the trainer's
+in-place updates.
+
+Forward passes run under ``torch.inference_mode()``. Several request threads may run the same
+snapshot at once: the forward pass of a module in eval mode reads its parameters and writes no
+state, so that is safe.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from growclip_stream.data.images import ImageTransform, decode_image
+from growclip_stream.data.records import RecordError, RecordLimits
+from growclip_stream.model.clip import ArchConfig, GrowCLIP
+from growclip_stream.model.tokenizer import PAD_ID, ByteTokenizer
+
+MAX_LOGIT_SCALE = 100.0
+"""Upper bound of the softmax temperature ``exp(logit_scale)``, as in CLIP."""
+
+
+class ImageItemError(RecordError):
+    """A bad image in a batch: a :class:`RecordError` that also names the image's position."""
+
+    def __init__(self, index: int, cause: RecordError) -> None:
+        super().__init__(cause.reason, f"image {index}: {cause.detail}")
+        self.index = index  # position in the batch of images passed to embed_images
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """What serving reads. Never mutated after publish; publishing swaps the reference (a request
+    never sees a half-grown model)."""
+
+    model: GrowCLIP  # a private deep copy in eval mode, requires_grad False
+    version: str  # f"{generation}.{step}", e.g. "2.480" = grown twice, trainer step 480
+    generation: int  # number of growths behind this architecture
+    step: int  # trainer step the weights were captured at
+    samples_trained: int
+    growth_history: tuple[dict[str, Any], ...]  # private copies of the trainer's records
+    published_at: float  # time.time() at capture
+    _tokenizer: ByteTokenizer = field(init=False, repr=False, compare=False)
+    _transform: ImageTransform = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        arch = self.model.arch
+        object.__setattr__(self, "_tokenizer", ByteTokenizer(arch.context_length))
+        object.__setattr__(self, "_transform", ImageTransform(arch.image_size, arch.channels))
+
+    @classmethod
+    def capture(
+        cls,
+        model: GrowCLIP,
+        *,
+        generation: int,
+        step: int,
+        samples_trained: int,
+        growth_history: Sequence[Mapping[str, Any]],
+    ) -> ModelSnapshot:
+        """Copy ``model`` into a new snapshot. Call it from the thread that trains ``model``
+        (between steps), so that the copy sees one consistent set of weights."""
+        with torch.no_grad():
+            copied = copy.deepcopy(model)
+        copied.eval()
+        copied.requires_grad_(False)
+        for p in copied.parameters():
+            p.grad = None  # the copy never trains; do not keep a second set of gradients alive
+        return cls(
+            model=copied,
+            version=f"{generation}.{step}",
+            generation=generation,
+            step=step,
+            samples_trained=samples_trained,
+            growth_history=tuple(copy.deepcopy(dict(event)) for event in growth_history),
+            published_at=time.time(),
+        )
+
+    @property
+    def arch(self) -> ArchConfig:
+        return self.model.arch
+
+    @property
+    def num_params(self) -> int:
+        return _count(self.model)
+
+    @property
+    def logit_scale(self) -> float:
+        """The softmax temperature ``exp(logit_scale)``, clamped to :data:`MAX_LOGIT_SCALE`."""
+        return min(float(self.model.logit_scale.detach().exp()), MAX_LOGIT_SCALE)
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens the image tower reads per image (patches and the class token)."""
+        return self.arch.image_tokens
+
+    def parameters_by_tower(self) -> dict[str, int]:
+        """Parameter counts: ``image`` and ``text`` (each tower, up to its projection into the
+        shared width), ``shared`` (the shared encoder and the head both modalities use: final
+        LayerNorm, projection, logit scale) and ``total`` (their sum)."""
+        image = _count(self.model.image)
+        text = _count(self.model.text)
+        total = _count(self.model)
+        return {"image": image, "text": text, "shared": total - image - text, "total": total}
+
+    def text_token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens each text feeds the model (BOS and EOS included, after truncation)."""
+        tokens = self._tokenizer.encode(list(texts))  # (N, T)
+        return (tokens != PAD_ID).sum(dim=1).tolist()
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, embed_dim) float32 L2-normalised text embeddings."""
+        tokens = self._tokenizer.encode(list(texts))  # (N, T)
+        with torch.inference_mode():
+            return self.model.encode_text(tokens).float()
+
+    def decode_images(self, images: Sequence[bytes], limits: RecordLimits) -> torch.Tensor:
+        """Decode and transform encoded images to a (N, C, H, W) float batch for this architecture.
+
+        Raises :class:`ImageItemError` (a :class:`RecordError`) naming the first bad image.
+        """
+        pixels = []
+        for i, data in enumerate(images):
+            try:
+                pixels.append(self._transform(decode_image(data, limits)))
+            except ImageItemError:
+                raise
+            except RecordError as e:
+                raise ImageItemError(i, e) from e
+        c, s = self.arch.channels, self.arch.image_size
+        return torch.stack(pixels) if pixels else torch.empty((0, c, s, s))
+
+    def embed_images(self, images: Sequence[bytes], limits: RecordLimits) -> torch.Tensor:
+        """(N, embed_dim) float32 L2-normalised image embeddings of encoded PNG/JPEG/WebP bytes.
+
+        Raises :class:`ImageItemError` (a :class:`RecordError`) naming the index of a bad image.
+        """
+        batch = self.decode_images(images, limits)  # (N, C, H, W)
+        with torch.inference_mode():
+            return self.model.encode_image(batch).float()
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-safe description: version, architecture, parameters, FLOPs, growth history."""
+        arch = self.arch
+        return {
+            "version": self.version,
+            "generation": self.generation,
+            "step": self.step,
+            "samples_trained": self.samples_trained,
+            "architecture": json_safe(arch.to_dict()),
+            "parameters": self.parameters_by_tower(),
+            "flops_per_sample": int(arch.flops_per_sample()),
+            "logit_scale": self.logit_scale,
+            "growth_history": json_safe(list(self.growth_history)),
+            "published_at": self.published_at,
+        }
+
+
+class SnapshotStore:
+    """Holds the snapshot serving answers from. ``publish`` swaps the reference under a lock;
+    readers take ``current`` once per request, without locking (a reference read is atomic)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: ModelSnapshot | None = None
+        self._published = threading.Condition(self._lock)
+
+    def publish(self, snap: ModelSnapshot) -> None:
+        with self._lock:
+            self._current = snap
+            self._published.notify_all()
+
+    @property
+    def current(self) -> ModelSnapshot | None:
+        return self._current
+
+    def wait(self, timeout: float | None = None) -> ModelSnapshot | None:
+        """The current snapshot, waiting up to ``timeout`` seconds for a first publish."""
+        with self._lock:
+            self._published.wait_for(lambda: self._current is not None, timeout)
+            return self._current
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with containers turned into dicts and lists, non-finite floats into None, and
+    anything else that JSON cannot hold (tensors, paths, enums) into its ``str``."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return json_safe(value.item())
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_safe(v) for v in value]
+    return str(value)

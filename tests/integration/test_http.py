@@ -1,0 +1,546 @@
+"""The HTTP API over loopback: a real uvicorn server in a thread, a small real GrowCLIP, httpx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from growclip_daemon.http import (
+    MODEL_VERSION_HEADER,
+    AppState,
+    ControlRejected,
+    HttpServer,
+    ServeLimits,
+    build_app,
+)
+from growclip_daemon.metrics import Metrics
+from growclip_stream.data.records import RecordLimits
+from growclip_stream.model.clip import ArchConfig, GrowCLIP, TowerConfig
+from growclip_stream.serving import ModelSnapshot, SnapshotStore
+
+EMBED_DIM = 16
+LIMITS = ServeLimits(
+    max_request_bytes=64 * 1024,
+    max_items=8,
+    max_text_chars=100,
+    records=RecordLimits(max_image_pixels=100 * 100, max_image_side=100),
+)
+TOKEN = "s3cret-admin-token"
+
+
+def arch(text_depth: int = 1) -> ArchConfig:
+    return ArchConfig(
+        image=TowerConfig(width=32, depth=1, mlp_hidden=64),
+        text=TowerConfig(width=32, depth=text_depth, mlp_hidden=64),
+        shared=TowerConfig(width=32, depth=1, mlp_hidden=64),
+        embed_dim=EMBED_DIM,
+    )
+
+
+def snapshot(generation: int, step: int, seed: int = 0) -> ModelSnapshot:
+    torch.manual_seed(seed)
+    model = GrowCLIP(arch(text_depth=1 + generation))
+    return ModelSnapshot.capture(
+        model, generation=generation, step=step, samples_trained=step * 32, growth_history=[]
+    )
+
+
+def png(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+@dataclass
+class RecordingControls:
+    """The test's own implementation of the Controls protocol: records what it was asked."""
+
+    calls: list[str] = field(default_factory=list)
+    reject_grow: bool = False
+
+    def request_grow(self) -> dict[str, Any]:
+        self.calls.append("grow")
+        if self.reject_grow:
+            raise ControlRejected("a growth is already running")
+        return {"accepted": True}
+
+    def request_checkpoint(self) -> dict[str, Any]:
+        self.calls.append("checkpoint")
+        return {"accepted": True, "step": 7}
+
+    def pause(self) -> dict[str, Any]:
+        self.calls.append("pause")
+        return {"paused": True}
+
+    def resume(self) -> dict[str, Any]:
+        self.calls.append("resume")
+        return {"paused": False}
+
+
+@dataclass
+class Api:
+    state: AppState
+    server: HttpServer
+    client: httpx.Client
+
+
+@pytest.fixture(scope="module")
+def snap0() -> ModelSnapshot:
+    return snapshot(generation=0, step=100)
+
+
+def start_api(**state_kwargs: Any) -> Api:
+    state = AppState(store=SnapshotStore(), metrics=Metrics(), limits=LIMITS, **state_kwargs)
+    server = HttpServer(build_app(state), "127.0.0.1", 0)
+    server.start()
+    client = httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30.0)
+    return Api(state, server, client)
+
+
+def close_api(api: Api) -> None:
+    api.client.close()
+    api.server.stop()
+
+
+@pytest.fixture
+def make_api() -> Iterator[Any]:
+    """A fresh server per call (for tests that change the store or count requests)."""
+    started: list[Api] = []
+
+    def make(**state_kwargs: Any) -> Api:
+        started.append(start_api(**state_kwargs))
+        return started[-1]
+
+    try:
+        yield make
+    finally:
+        for api in started:
+            close_api(api)
+
+
+@pytest.fixture(scope="module")
+def api(snap0: ModelSnapshot) -> Iterator[Api]:
+    """One server for the tests that only read: snap0 published, a status source attached."""
+    a = start_api(status_extra=lambda: {"training": {"state": "running"}, "version": "not-this"})
+    a.state.store.publish(snap0)
+    try:
+        yield a
+    finally:
+        close_api(a)
+
+
+@pytest.fixture
+def fresh_api(make_api: Any, snap0: ModelSnapshot) -> Api:
+    a: Api = make_api()
+    a.state.store.publish(snap0)
+    return a
+
+
+def embed(client: httpx.Client, inputs: Any, **extra: Any) -> httpx.Response:
+    return client.post("/v1/embeddings", json={"input": inputs, **extra})
+
+
+def vectors(resp: httpx.Response) -> torch.Tensor:
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert [d["index"] for d in body["data"]] == list(range(len(body["data"])))
+    assert all(d["object"] == "embedding" for d in body["data"])
+    return torch.tensor([d["embedding"] for d in body["data"]], dtype=torch.float32)
+
+
+def assert_error(resp: httpx.Response, status: int, code: str, *, contains: str = "") -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == code, err
+    assert err["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    assert err["message"] and contains in err["message"], err
+    return dict(err)
+
+
+# --- health, readiness, versions ---------------------------------------------------------------
+
+
+def test_ready_only_after_publish_and_version_follows_the_store(make_api: Any, snap0: ModelSnapshot) -> None:
+    api = make_api()
+    c = api.client
+    assert c.get("/healthz").json() == {"status": "ok"}
+    assert_error(c.get("/readyz"), 503, "model_not_ready")
+    assert_error(embed(c, "a shirt"), 503, "model_not_ready", contains="no model")
+    assert_error(
+        c.post("/v1/rank", json={"image": b64(png((0, 0, 0))), "texts": ["x"]}), 503, "model_not_ready"
+    )
+    assert_error(c.get("/v1/model"), 503, "model_not_ready")
+
+    api.state.store.publish(snap0)
+    ready = c.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["model"] == "growclip@0.100"
+    resp = embed(c, "a shirt")
+    assert resp.json()["model"] == "growclip@0.100" and resp.headers[MODEL_VERSION_HEADER] == "0.100"
+
+    api.state.store.publish(snapshot(generation=1, step=250, seed=1))
+    resp = embed(c, "a shirt")
+    assert resp.json()["model"] == "growclip@1.250" and resp.headers[MODEL_VERSION_HEADER] == "1.250"
+    assert c.get("/healthz").status_code == 200
+
+
+# --- embeddings --------------------------------------------------------------------------------
+
+
+def test_text_embeddings(api: Api, snap0: ModelSnapshot) -> None:
+    c = api.client
+    one = vectors(embed(c, "a red dress"))
+    assert one.shape == (1, EMBED_DIM)
+    many_resp = embed(c, ["ankle boot", "a red dress", "ankle boot"], model="anything")
+    many = vectors(many_resp)
+    assert many.shape == (3, EMBED_DIM)
+    assert torch.allclose(many.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.equal(many[0], many[2])
+    assert torch.allclose(many[1], one[0], atol=1e-6)
+    assert not torch.allclose(many[0], many[1])
+    assert torch.allclose(many, snap0.embed_texts(["ankle boot", "a red dress", "ankle boot"]), atol=1e-6)
+    usage = many_resp.json()["usage"]
+    assert usage["prompt_tokens"] == usage["total_tokens"] == 12 + 13 + 12  # BOS + UTF-8 bytes + EOS each
+    assert many_resp.json()["object"] == "list"
+
+
+def test_image_and_mixed_embeddings_keep_input_order(api: Api, snap0: ModelSnapshot) -> None:
+    c = api.client
+    red, blue = png((220, 20, 20)), png((20, 20, 220), size=(28, 28))
+    image_only = vectors(embed(c, [{"image": b64(red)}]))
+    assert image_only.shape == (1, EMBED_DIM)
+    assert torch.allclose(image_only, snap0.embed_images([red], LIMITS.records), atol=1e-6)
+
+    mixed_inputs = [
+        "a red dress",
+        {"image": b64(red)},
+        "ankle boot",
+        {"image": "data:image/png;base64," + b64(blue)},
+    ]
+    mixed = vectors(embed(c, mixed_inputs))
+    assert mixed.shape == (4, EMBED_DIM)
+    assert torch.allclose(mixed.norm(dim=1), torch.ones(4), atol=1e-5)
+    expected_texts = snap0.embed_texts(["a red dress", "ankle boot"])
+    expected_images = snap0.embed_images([red, blue], LIMITS.records)
+    assert torch.allclose(mixed[0], expected_texts[0], atol=1e-6)
+    assert torch.allclose(mixed[1], expected_images[0], atol=1e-6)
+    assert torch.allclose(mixed[2], expected_texts[1], atol=1e-6)
+    assert torch.allclose(mixed[3], expected_images[1], atol=1e-6)
+
+
+def test_base64_encoding_decodes_to_the_same_floats(api: Api) -> None:
+    c = api.client
+    inputs = ["a red dress", {"image": b64(png((0, 128, 0)))}]
+    floats = vectors(embed(c, inputs, encoding_format="float"))
+    resp = embed(c, inputs, encoding_format="base64")
+    assert resp.status_code == 200
+    decoded = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in resp.json()["data"]]
+    assert all(v.shape == (EMBED_DIM,) for v in decoded)
+    assert np.array_equal(np.stack(decoded), floats.numpy())
+
+
+def test_hot_swap_while_requests_run(fresh_api: Api, snap0: ModelSnapshot) -> None:
+    api = fresh_api
+    swaps = [snapshot(generation=g, step=100 + 50 * g, seed=g) for g in (1, 2, 3)]
+    published = {"growclip@" + s.version for s in [snap0, *swaps]}
+    seen: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with httpx.Client(base_url=str(api.client.base_url), timeout=30.0) as client:
+            while not stop.is_set():
+                resp = embed(client, ["a red dress", {"image": b64(png((1, 2, 3)))}])
+                if resp.status_code != 200:
+                    failures.append(resp.text)
+                    continue
+                body = resp.json()
+                if resp.headers[MODEL_VERSION_HEADER] != body["model"].removeprefix("growclip@"):
+                    failures.append(f"header {resp.headers[MODEL_VERSION_HEADER]} != {body['model']}")
+                if len(body["data"]) != 2 or any(len(d["embedding"]) != EMBED_DIM for d in body["data"]):
+                    failures.append("wrong shape")
+                seen.append(body["model"])
+
+    workers = [threading.Thread(target=hammer) for _ in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        for s in swaps:
+            before = len(seen)
+            api.state.store.publish(s)
+            while len(seen) < before + 4 and not failures and all(w.is_alive() for w in workers):
+                stop.wait(0.01)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(30)
+    assert not failures, failures[:3]
+    assert set(seen) <= published
+    assert seen[-1] == "growclip@" + swaps[-1].version
+    assert len(set(seen)) >= 2
+
+
+# --- rank and model ----------------------------------------------------------------------------
+
+
+def test_rank_scores_are_scaled_cosines(api: Api, snap0: ModelSnapshot) -> None:
+    image = png((200, 200, 200))
+    texts = ["a white shirt", "a black boot", "a bag"]
+    resp = api.client.post("/v1/rank", json={"image": b64(image), "texts": texts})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["model"] == "growclip@0.100" and resp.headers[MODEL_VERSION_HEADER] == "0.100"
+    expected = (
+        snap0.logit_scale * (snap0.embed_images([image], LIMITS.records) @ snap0.embed_texts(texts).T)[0]
+    )
+    assert np.allclose(body["scores"], expected.numpy(), atol=1e-4)
+    probs = np.array(body["probabilities"])
+    assert probs.shape == (3,) and math.isclose(probs.sum(), 1.0, rel_tol=1e-9)
+    assert int(np.argmax(probs)) == int(np.argmax(body["scores"]))
+
+
+def test_model_status(api: Api, snap0: ModelSnapshot) -> None:
+    resp = api.client.get("/v1/model")
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["model"] == "growclip@0.100" and resp.headers[MODEL_VERSION_HEADER] == "0.100"
+    assert body["version"] == "0.100"  # the snapshot's own field wins over status_extra's
+    assert body["training"] == {"state": "running"}
+    assert body["architecture"] == snap0.arch.to_dict()
+    assert body["parameters"]["total"] == snap0.num_params
+    assert body["samples_trained"] == 3200 and body["growth_history"] == []
+
+
+def test_broken_status_source_does_not_break_model_status(make_api: Any, snap0: ModelSnapshot) -> None:
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("trainer gone")
+
+    api = make_api(status_extra=broken)
+    api.state.store.publish(snap0)
+    resp = api.client.get("/v1/model")
+    assert resp.status_code == 200 and "trainer gone" in resp.json()["status_error"]
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+GOOD_PNG = png((10, 20, 30))
+BAD_CASES: list[tuple[str, Any, int, str, str]] = [
+    # (name, JSON body, status, code, part of the message)
+    ("not an object", ["a"], 400, "wrong_type", "expected an object"),
+    ("missing input", {"model": "m"}, 400, "missing_field", "input"),
+    ("empty string", {"input": ""}, 400, "empty_input", "empty string"),
+    ("empty list", {"input": []}, 400, "empty_input", "empty list"),
+    ("empty item", {"input": ["a", ""]}, 400, "empty_input", "input[1]"),
+    ("too many items", {"input": ["a"] * 9}, 400, "too_many_items", "9 items, limit 8"),
+    ("text too long", {"input": ["a", "x" * 101]}, 400, "text_too_long", "input[1] is 101 characters"),
+    ("input a number", {"input": 5}, 400, "wrong_type", "input is a JSON number"),
+    ("token arrays", {"input": [[1, 2, 3]]}, 400, "wrong_type", "token arrays"),
+    ("null item", {"input": ["a", None]}, 400, "wrong_type", "input[1] is a JSON null"),
+    ("image not a string", {"input": [{"image": 5}]}, 400, "wrong_type", "input[0]"),
+    ("object without image", {"input": [{"text": "a"}]}, 400, "wrong_type", "input[0]"),
+    ("bad base64", {"input": ["a", {"image": "%%%not base64"}]}, 400, "bad_base64", "input[1]"),
+    (
+        "bad data URI",
+        {"input": [{"image": "data:image/png," + b64(GOOD_PNG)}]},
+        400,
+        "bad_base64",
+        "data URI",
+    ),
+    ("not an image", {"input": ["a", {"image": b64(b"hello world")}]}, 400, "not_an_image", "input[1]"),
+    ("truncated", {"input": [{"image": b64(GOOD_PNG[:60])}]}, 400, "truncated_image", "input[0]"),
+    (
+        "too many pixels",
+        {"input": [{"image": b64(png((0, 0, 0), (150, 90)))}]},
+        400,
+        "decompression_bomb",
+        "",
+    ),
+    ("bad format", {"input": "a", "encoding_format": "int8"}, 400, "bad_encoding_format", "int8"),
+    ("bad dimensions", {"input": "a", "dimensions": 3}, 400, "bad_dimensions", str(EMBED_DIM)),
+    ("model not a string", {"input": "a", "model": 1}, 400, "wrong_type", "model"),
+    ("unknown field", {"inputs": ["a"]}, 400, "unknown_field", "inputs"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "status", "code", "contains"), BAD_CASES, ids=[c[0] for c in BAD_CASES]
+)
+def test_embeddings_rejects(api: Api, name: str, body: Any, status: int, code: str, contains: str) -> None:
+    assert_error(api.client.post("/v1/embeddings", json=body), status, code, contains=contains)
+    assert vectors(embed(api.client, "still serving")).shape == (1, EMBED_DIM)
+
+
+RANK_CASES: list[tuple[str, Any, str, str]] = [
+    ("missing texts", {"image": b64(GOOD_PNG)}, "missing_field", "texts"),
+    ("empty texts", {"image": b64(GOOD_PNG), "texts": []}, "empty_input", "texts"),
+    ("texts not a list", {"image": b64(GOOD_PNG), "texts": "a"}, "wrong_type", "texts"),
+    ("text not a string", {"image": b64(GOOD_PNG), "texts": ["a", 3]}, "wrong_type", "texts[1]"),
+    ("too many texts", {"image": b64(GOOD_PNG), "texts": ["a"] * 9}, "too_many_items", "limit 8"),
+    ("bad image", {"image": b64(b"\x89PNG\r\n\x1a\nnope"), "texts": ["a"]}, "truncated_image", "image"),
+    ("bad base64", {"image": "***", "texts": ["a"]}, "bad_base64", "image"),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "code", "contains"), RANK_CASES, ids=[c[0] for c in RANK_CASES])
+def test_rank_rejects(api: Api, name: str, body: Any, code: str, contains: str) -> None:
+    assert_error(api.client.post("/v1/rank", json=body), 400, code, contains=contains)
+
+
+def test_invalid_json_and_unknown_routes(api: Api) -> None:
+    c = api.client
+    assert_error(
+        c.post("/v1/embeddings", content=b"{not json"), 400, "invalid_json", contains="not valid JSON"
+    )
+    assert_error(c.post("/v1/embeddings", content=b"\xff\xfe\x00garbage"), 400, "invalid_json")
+    assert_error(c.post("/v1/embeddings", content=b""), 400, "invalid_json", contains="empty")
+    assert_error(c.post("/v1/embeddings", content=b"[" * 50_000), 400, "invalid_json")  # deep nesting
+    assert_error(c.get("/v1/nothing-here"), 404, "not_found")
+    assert_error(c.get("/v1/embeddings"), 405, "method_not_allowed")
+    assert vectors(embed(c, "still serving")).shape == (1, EMBED_DIM)
+
+
+def test_request_size_is_bounded_declared_and_actual(api: Api) -> None:
+    c = api.client
+    big = b'{"input": "' + b"x" * (LIMITS.max_request_bytes + 10) + b'"}'
+    assert_error(c.post("/v1/embeddings", content=big), 413, "request_too_large", contains="limit 65536")
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: only counting the bytes read can stop it
+        yield b'{"input": "'
+        for _ in range(20):
+            yield b"x" * 8192
+
+    resp = c.post("/v1/embeddings", content=chunked())
+    assert "content-length" not in resp.request.headers
+    assert_error(resp, 413, "request_too_large", contains="exceeds the limit")
+
+    assert vectors(embed(c, "still serving")).shape == (1, EMBED_DIM)
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def test_metrics_count_requests_by_route_template(fresh_api: Api) -> None:
+    api = fresh_api
+    c = api.client
+    embed(c, ["a", "b", "c"])
+    embed(c, "")
+    c.get("/no/such/path/12345")
+    c.post("/v1/rank", json={"image": b64(GOOD_PNG), "texts": ["a"]})
+    resp = c.get("/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(resp.text)}
+
+    requests = {
+        (s.labels["route"], s.labels["method"], s.labels["code"]): s.value
+        for s in families["growclip_http_requests"].samples
+        if s.name == "growclip_http_requests_total"
+    }
+    assert requests[("/v1/embeddings", "POST", "200")] == 1
+    assert requests[("/v1/embeddings", "POST", "400")] == 1
+    assert requests[("/v1/rank", "POST", "200")] == 1
+    assert requests[("unmatched", "GET", "404")] == 1
+    assert not any("12345" in route for route, _, _ in requests)
+
+    latency = {
+        s.labels["route"]: s.value
+        for s in families["growclip_http_request_duration_seconds"].samples
+        if s.name.endswith("_count")
+    }
+    assert latency["/v1/embeddings"] == 2 and latency["/v1/rank"] == 1
+    batch = {s.name: s.value for s in families["growclip_serve_batch_size"].samples}
+    assert batch["growclip_serve_batch_size_count"] == 1 and batch["growclip_serve_batch_size_sum"] == 3
+    # The request now being answered is the scrape itself.
+    assert families["growclip_http_requests_in_flight"].samples[0].value == 1
+
+
+# --- admin -------------------------------------------------------------------------------------
+
+
+def test_admin_disabled_without_token(make_api: Any) -> None:
+    controls = RecordingControls()
+    for token in (None, ""):
+        api = make_api(controls=controls, admin_token=token)
+        for action in ("grow", "checkpoint", "pause", "resume"):
+            resp = api.client.post(f"/admin/{action}", headers={"Authorization": "Bearer anything"})
+            assert_error(resp, 403, "admin_disabled", contains="admin API disabled")
+    assert controls.calls == []
+
+
+def test_admin_needs_the_right_token(make_api: Any) -> None:
+    controls = RecordingControls()
+    api = make_api(controls=controls, admin_token=TOKEN)
+    c = api.client
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+        resp = c.post("/admin/grow", headers=headers)
+        assert_error(resp, 401, "invalid_token")
+        assert resp.headers["www-authenticate"] == "Bearer"
+    assert controls.calls == []
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for action in ("grow", "checkpoint", "pause", "resume"):
+        resp = c.post(f"/admin/{action}", headers=auth)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["action"] == action
+    assert controls.calls == ["grow", "checkpoint", "pause", "resume"]
+    assert c.post("/admin/checkpoint", headers=auth).json()["result"] == {"accepted": True, "step": 7}
+
+    controls.reject_grow = True
+    assert_error(c.post("/admin/grow", headers=auth), 409, "conflict", contains="already running")
+
+
+def test_admin_without_controls_attached(make_api: Any) -> None:
+    api = make_api(admin_token=TOKEN)
+    resp = api.client.post("/admin/pause", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert_error(resp, 503, "controls_unavailable")
+
+
+# --- server lifecycle --------------------------------------------------------------------------
+
+
+def test_stop_releases_the_port_and_is_idempotent() -> None:
+    state = AppState(store=SnapshotStore(), metrics=Metrics(), limits=LIMITS)
+    first = HttpServer(build_app(state), "127.0.0.1", 0)
+    first.start()
+    port = first.port
+    assert port != 0 and first.running
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        assert client.get("/healthz").status_code == 200  # a kept-alive connection stays open
+        first.stop()
+        first.stop()
+        assert not first.running
+
+    second = HttpServer(build_app(state), "127.0.0.1", port)
+    second.start()
+    try:
+        assert second.port == port
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    finally:
+        second.stop()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz")
+
+
+def test_port_in_use_fails_loudly() -> None:
+    state = AppState(store=SnapshotStore(), metrics=Metrics(), limits=LIMITS)
+    first = HttpServer(build_app(state), "127.0.0.1", 0)
+    first.start()
+    try:
+        with pytest.raises(OSError):
+            HttpServer(build_app(state), "127.0.0.1", first.port).start()
+    finally:
+        first.stop()

@@ -1,0 +1,199 @@
+"""The metric families: own registry, names that follow Prometheus conventions, model series."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from growclip_daemon.metrics import GROWTH_PHASES, Metrics
+from growclip_stream.model.clip import ArchConfig, GrowCLIP, TowerConfig
+from growclip_stream.serving import ModelSnapshot
+
+EXPECTED_FAMILIES = {
+    # name in the exposition (counters with _total): type
+    "growclip_train_samples_total": "counter",
+    "growclip_train_steps_total": "counter",
+    "growclip_train_loss": "gauge",
+    "growclip_train_step_duration_seconds": "histogram",
+    "growclip_train_samples_per_second": "gauge",
+    "growclip_train_data_wait_seconds_total": "counter",
+    "growclip_eval_holdout_loss": "gauge",
+    "growclip_eval_zeroshot_top1_ratio": "gauge",
+    "growclip_eval_retrieval_recall_ratio": "gauge",
+    "growclip_model_version": "gauge",
+    "growclip_model_step": "gauge",
+    "growclip_model_published_timestamp_seconds": "gauge",
+    "growclip_model_parameters": "gauge",
+    "growclip_model_flops_per_sample": "gauge",
+    "growclip_growth_events_total": "counter",
+    "growclip_growth_phase": "gauge",
+    "growclip_growth_last_duration_seconds": "gauge",
+    "growclip_ingest_records_total": "counter",
+    "growclip_kafka_consumer_lag_records": "gauge",
+    "growclip_checkpoint_duration_seconds": "histogram",
+    "growclip_checkpoint_last_success_timestamp_seconds": "gauge",
+    "growclip_checkpoint_failures_total": "counter",
+    "growclip_http_requests_total": "counter",
+    "growclip_http_request_duration_seconds": "histogram",
+    "growclip_http_requests_in_flight": "gauge",
+    "growclip_serve_batch_size": "histogram",
+}
+
+# The naming rules `promtool check metrics` applies (client_golang's promlint), on the text format.
+_TYPE_LINE = re.compile(r"^# TYPE (\S+) (\S+)$")
+_HELP_LINE = re.compile(r"^# HELP (\S+) (.*)$")
+_NON_BASE_UNITS = (
+    "milliseconds",
+    "microseconds",
+    "nanoseconds",
+    "minutes",
+    "hours",
+    "days",
+    "kilobytes",
+    "megabytes",
+)
+_ABBREVIATIONS = ("sec", "secs", "ms", "us", "ns", "min", "mins", "hr", "hrs", "kb", "mb", "gb", "pct")
+_TYPE_WORDS = ("counter", "gauge", "histogram", "summary", "untyped")
+
+
+def lint(exposition: str) -> list[str]:
+    problems = []
+    types: dict[str, str] = {}
+    helps: dict[str, str] = {}
+    for line in exposition.splitlines():
+        if m := _TYPE_LINE.match(line):
+            types[m.group(1)] = m.group(2)
+        elif m := _HELP_LINE.match(line):
+            helps[m.group(1)] = m.group(2)
+        elif line and not line.startswith("#"):
+            labels = re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=\"", line)
+            problems += [f"{line}: camelCase label {lab}" for lab in labels if lab != lab.lower()]
+    for name, kind in types.items():
+        words = name.split("_")
+        if not helps.get(name, "").strip():
+            problems.append(f"{name}: no help text")
+        if kind == "counter" and not name.endswith("_total"):
+            problems.append(f"{name}: counter without _total")
+        if kind != "counter" and name.endswith("_total"):
+            problems.append(f"{name}: non-counter ending in _total")
+        if kind not in ("histogram", "summary") and re.search(r"_(bucket|count|sum)$", name):
+            problems.append(f"{name}: reserved histogram suffix")
+        if ":" in name or name != name.lower():
+            problems.append(f"{name}: not snake_case")
+        problems += [f"{name}: non-base unit {w}" for w in words if w in _NON_BASE_UNITS]
+        problems += [f"{name}: abbreviated unit {w}" for w in words if w in _ABBREVIATIONS]
+        problems += [f"{name}: type {w} in name" for w in words if w in _TYPE_WORDS]
+    return problems
+
+
+def exposition(metrics: Metrics) -> str:
+    return generate_latest(metrics.registry).decode("utf-8")
+
+
+def test_every_family_is_exported_with_its_type() -> None:
+    text = exposition(Metrics())
+    types = {m.group(1): m.group(2) for m in map(_TYPE_LINE.match, text.splitlines()) if m}
+    for name, kind in EXPECTED_FAMILIES.items():
+        assert types.get(name) == kind, f"{name}: {types.get(name)}"
+    ours = {name for name in types if not name.endswith("_created")}
+    assert all(name.startswith("growclip_") for name in types)
+    assert ours == set(EXPECTED_FAMILIES), ours ^ set(EXPECTED_FAMILIES)
+
+
+def test_names_follow_prometheus_conventions() -> None:
+    m = Metrics()
+    # Fill every labelled family so its samples are linted too.
+    m.ingest_records.labels(source="kafka", status="trained").inc()
+    m.kafka_lag.labels(topic="pairs", partition="0").set(3)
+    m.http_requests.labels(route="/v1/embeddings", method="POST", code="200").inc()
+    m.http_latency.labels(route="/v1/embeddings").observe(0.01)
+    m.eval_zeroshot_top1.labels(suite="fashion_mnist").set(0.4)
+    m.eval_recall.labels(suite="tuxpaint", direction="image_to_text", k="5").set(0.2)
+    assert lint(exposition(m)) == []
+
+
+def test_the_linter_catches_bad_names() -> None:
+    bad = "\n".join(
+        [
+            "# HELP x_requests Requests.",
+            "# TYPE x_requests counter",
+            "# HELP x_latency_milliseconds",
+            "# TYPE x_latency_milliseconds gauge",
+            "# HELP x_errors_total Errors.",
+            "# TYPE x_errors_total gauge",
+        ]
+    )
+    problems = lint(bad)
+    assert any("counter without _total" in p for p in problems)
+    assert any("no help text" in p for p in problems)
+    assert any("non-base unit" in p for p in problems)
+    assert any("non-counter ending in _total" in p for p in problems)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed here")
+def test_promtool_check_metrics_is_clean() -> None:
+    m = Metrics()
+    m.http_requests.labels(route="/healthz", method="GET", code="200").inc()
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=exposition(m), capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_own_registry_and_no_clash() -> None:
+    a, b = Metrics(), Metrics()  # would raise "Duplicated timeseries" on a shared registry
+    assert a.registry is not b.registry and a.registry is not REGISTRY
+    a.train_samples.inc(128)
+    assert b.registry.get_sample_value("growclip_train_samples_total") == 0
+    assert a.registry.get_sample_value("growclip_train_samples_total") == 128
+    assert REGISTRY.get_sample_value("growclip_train_samples_total") is None
+
+
+def test_initial_values() -> None:
+    m = Metrics()
+    r = m.registry
+    assert math.isnan(r.get_sample_value("growclip_train_loss"))  # type: ignore[arg-type]
+    assert math.isnan(r.get_sample_value("growclip_eval_holdout_loss"))  # type: ignore[arg-type]
+    assert r.get_sample_value("growclip_growth_phase", {"growclip_growth_phase": GROWTH_PHASES[0]}) == 1
+    assert r.get_sample_value("growclip_growth_events_total", {"trigger": "plateau"}) == 0
+    m.growth_phase.state("training_supernet")
+    assert r.get_sample_value("growclip_growth_phase", {"growclip_growth_phase": "idle"}) == 0
+    assert r.get_sample_value("growclip_growth_phase", {"growclip_growth_phase": "training_supernet"}) == 1
+
+
+def test_set_model_publishes_generation_parameters_and_flops() -> None:
+    arch = ArchConfig(
+        image=TowerConfig(width=32, depth=1, mlp_hidden=64),
+        text=TowerConfig(width=16, depth=2, mlp_hidden=32),
+        shared=TowerConfig(width=32, depth=0, mlp_hidden=64),
+        embed_dim=16,
+    )
+    torch.manual_seed(0)
+    snap = ModelSnapshot.capture(GrowCLIP(arch), generation=3, step=900, samples_trained=5, growth_history=[])
+    m = Metrics()
+    m.set_model(snap)
+    r = m.registry
+    assert r.get_sample_value("growclip_model_version") == 3
+    assert r.get_sample_value("growclip_model_step") == 900
+    assert r.get_sample_value("growclip_model_published_timestamp_seconds") == snap.published_at
+    assert r.get_sample_value("growclip_model_flops_per_sample") == arch.flops_per_sample()
+    by_tower = {
+        t: r.get_sample_value("growclip_model_parameters", {"tower": t}) for t in snap.parameters_by_tower()
+    }
+    assert by_tower == {t: float(n) for t, n in snap.parameters_by_tower().items()}
+    assert by_tower["total"] == arch.num_params()
+
+    families = {f.name: f for f in text_string_to_metric_families(exposition(m))}
+    assert {s.labels["tower"] for s in families["growclip_model_parameters"].samples} == {
+        "image",
+        "text",
+        "shared",
+        "total",
+    }
