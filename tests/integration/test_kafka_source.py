@@ -1,0 +1,243 @@
+"""KafkaSource, KafkaDeadLetter and produce() against the real embedded broker."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, KafkaSourceConfig, Message
+from growclip_stream.data.produce import ensure_topics, produce
+from growclip_stream.data.records import Record, RecordLimits, decode_message
+
+LIMITS = RecordLimits()
+TINY_PNG = (
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x00\x00\x00\x00:~\x9bU"
+    b"\x00\x00\x00\nIDATx\x9cc`\x00\x00\x00\x02\x00\x01H\xaf\xa4q\x00\x00\x00\x00IEND\xaeB`\x82"
+)
+
+
+def records(n: int, start: int = 0) -> Iterator[Record]:
+    for i in range(start, start + n):
+        yield Record(id=f"rec-{i:05d}", caption=f"caption {i}", image=TINY_PNG)
+
+
+def source(broker: str, topic: str, group: str) -> KafkaSource:
+    return KafkaSource(
+        KafkaSourceConfig(
+            bootstrap=broker, topic=topic, group_id=group, session_timeout_ms=2000, heartbeat_interval_ms=500
+        )
+    )
+
+
+def consume(src: KafkaSource, n: int, timeout_s: float = 20.0, batch: int | None = None) -> list[Message]:
+    """Polls until n messages arrived (fails on timeout); never asks for more than n."""
+    out: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < n:
+        assert time.monotonic() < deadline, f"got {len(out)} of {n} messages"
+        want = n - len(out) if batch is None else min(batch, n - len(out))
+        out.extend(src.poll(0.5, max_records=want))
+    return out
+
+
+def assert_quiet(src: KafkaSource, seconds: float = 1.0) -> None:
+    """No further message arrives."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        extra = src.poll(0.2)
+        assert not extra, f"unexpected messages at offsets {[(m.partition, m.offset) for m in extra]}"
+
+
+def ids(msgs: list[Message]) -> list[str]:
+    return [decode_message(m.value, m.headers, LIMITS).id for m in msgs]
+
+
+@pytest.mark.parametrize("fmt", ["json", "binary"])
+def test_consumes_everything_exactly_once(broker: str, topic: str, fmt: str) -> None:
+    assert produce(broker, topic, records(150), fmt=fmt) == 150  # type: ignore[arg-type]
+    with source(broker, topic, f"g-{topic}") as src:
+        msgs = consume(src, 150)
+        assert_quiet(src)
+        assert [m.offset for m in msgs] == list(range(150))
+        assert sorted(ids(msgs)) == [f"rec-{i:05d}" for i in range(150)]
+        first = decode_message(msgs[0].value, msgs[0].headers, LIMITS)
+        assert first.caption == "caption 0" and first.image == TINY_PNG
+        assert all(m.topic == topic and m.timestamp_ms > 0 for m in msgs)
+        if fmt == "binary":
+            assert dict(msgs[0].headers)["content-type"] == b"image/png"
+        assert src.state_dict() == {"topic": topic, "positions": {"0": 150}}
+
+
+def test_state_dict_resumes_without_duplicates_or_gaps(broker: str, topic: str) -> None:
+    ensure_topics(broker, [topic + "-p3"], partitions=3)
+    topic = topic + "-p3"
+    produce(broker, topic, records(300))
+    group = f"g-{topic}"
+    with source(broker, topic, group) as first:
+        part1 = consume(first, 120, batch=40)
+        state = json.loads(json.dumps(first.state_dict()))  # JSON-safe, as in a checkpoint manifest
+    assert state["topic"] == topic
+    assert sum(state["positions"].values()) == 120  # offsets start at 0 in every partition
+    by_partition = {
+        p: max(m.offset for m in part1 if m.partition == p) + 1 for p in {m.partition for m in part1}
+    }
+    assert state["positions"] == {str(p): off for p, off in sorted(by_partition.items())}
+
+    # Same group, nothing committed: without the state it would start again at offset 0.
+    with source(broker, topic, group) as second:
+        second.load_state_dict(state)
+        part2 = consume(second, 180)
+        assert_quiet(second)
+        assert second.state_dict()["positions"] == {
+            str(p): n for p, n in sorted(_counts(part1 + part2).items())
+        }
+    got = ids(part1) + ids(part2)
+    assert len(got) == len(set(got)) == 300
+    for p in range(3):  # contiguous offsets per partition: no gap, no repeat
+        offs = sorted(m.offset for m in part1 + part2 if m.partition == p)
+        assert offs == list(range(len(offs)))
+
+
+def _counts(msgs: list[Message]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for m in msgs:
+        out[m.partition] = max(out.get(m.partition, 0), m.offset + 1)
+    return out
+
+
+def test_load_state_dict_after_assignment_seeks_at_once(broker: str, topic: str) -> None:
+    produce(broker, topic, records(50))
+    with source(broker, topic, f"g-{topic}") as src:
+        consume(src, 10)
+        src.load_state_dict({"topic": topic, "positions": {"0": 40}})
+        rest = consume(src, 10)
+        assert [m.offset for m in rest] == list(range(40, 50))
+        assert_quiet(src, 0.5)
+        with pytest.raises(ValueError, match="topic"):
+            src.load_state_dict({"topic": "other", "positions": {"0": 1}})
+
+
+def test_commit_moves_the_group_forward(broker: str, topic: str) -> None:
+    produce(broker, topic, records(100))
+    group = f"g-{topic}"
+    with source(broker, topic, group) as first:
+        consume(first, 30)
+        saved = first.state_dict()  # what a durable checkpoint would hold
+        consume(first, 40)
+        first.commit(saved)  # only what the checkpoint holds
+    with source(broker, topic, group) as second:
+        msgs = consume(second, 20)
+        assert msgs[0].offset == 30
+        second.commit()  # the tracked positions
+    with source(broker, topic, group) as third:
+        msgs = consume(third, 50)
+        assert [m.offset for m in msgs] == list(range(50, 100))
+        assert_quiet(third, 0.5)
+
+
+def test_lag_decreases_to_zero(broker: str, topic: str) -> None:
+    produce(broker, topic, records(200))
+    with source(broker, topic, f"g-{topic}") as src:
+        assert src.lag() == {}  # nothing fetched yet
+        seen: list[int] = []
+        consumed = 0
+        while consumed < 200:
+            consumed += len(src.poll(0.5, max_records=50))
+            if 0 in src.lag():
+                seen.append(src.lag()[0])
+                assert seen[-1] == 200 - consumed
+        assert src.poll(0.3) == []
+        assert src.lag() == {0: 0}
+    assert seen == sorted(seen, reverse=True) and seen[0] > 0 and seen[-1] == 0
+    # more data arrives: lag rises again
+    produce(broker, topic, records(7, start=200))
+    with source(broker, topic, f"g2-{topic}") as src:
+        src.load_state_dict({"topic": topic, "positions": {"0": 200}})
+        first = consume(src, 1)
+        assert first[0].offset == 200
+        assert src.lag() == {0: 6}
+        consume(src, 6)
+        assert src.lag() == {0: 0}
+
+
+def test_dead_letter_keeps_original_bytes_and_says_why(broker: str, topic: str) -> None:
+    garbage = b"\x00\xffnot json at all"
+    produce(broker, topic, records(1))
+    p = KafkaProducer(bootstrap_servers=broker)
+    p.send(topic, value=garbage, headers=[("trace", b"t-1")])
+    p.flush()
+    p.close()
+    with source(broker, topic, f"g-{topic}") as src, KafkaDeadLetter(broker, topic) as dlq:
+        msgs = consume(src, 2)
+        bad = msgs[1]
+        dlq.send(bad, "bad_utf8", "value is not UTF-8 at byte 0" + " and more" * 200)
+        dlq.flush()
+    reader = KafkaConsumer(bootstrap_servers=broker, enable_auto_commit=False)
+    tp = TopicPartition(f"{topic}.dlq", 0)
+    reader.assign([tp])
+    reader.seek_to_beginning(tp)
+    got: list[Any] = []
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        for batch in reader.poll(timeout_ms=500).values():
+            got.extend(batch)
+    reader.close()
+    assert len(got) == 1
+    rec = got[0]
+    headers = dict(rec.headers)
+    assert rec.value == garbage
+    assert headers["reason"] == b"bad_utf8"
+    assert headers["detail"].startswith(b"value is not UTF-8") and len(headers["detail"]) <= 1000
+    assert headers["source-topic"] == topic.encode()
+    assert headers["source-partition"] == b"0"
+    assert headers["source-offset"] == b"1"
+    assert headers["trace"] == b"t-1"  # the original headers travel too
+
+
+def test_large_records_pass_through(broker: str, topic: str) -> None:
+    """Records above the client's 1 MB defaults (including ones our limits reject) still flow,
+    so an oversized record reaches the dead letter instead of stalling the partition."""
+    big = Record(id="big", caption="big", image=TINY_PNG + b"\x00" * 3_000_000)
+    produce(broker, topic, [big, *records(3)], fmt="binary")
+    with source(broker, topic, f"g-{topic}") as src:
+        msgs = consume(src, 4)
+    assert len(msgs[0].value) == len(big.image)
+    assert ids(msgs[1:]) == ["rec-00000", "rec-00001", "rec-00002"]
+
+
+def test_produce_rate_limit_and_stop(broker: str, topic: str) -> None:
+    t0 = time.monotonic()
+    assert produce(broker, topic, records(1000), rate=200, limit=60) == 60
+    elapsed = time.monotonic() - t0
+    assert 0.25 <= elapsed <= 1.5, elapsed  # ~0.3 s of pacing at 200/s, plus the client
+
+    stop = threading.Event()
+    timer = threading.Timer(0.3, stop.set)
+    timer.start()
+    try:
+        t0 = time.monotonic()
+        sent = produce(broker, topic, records(10_000), rate=50, stop=stop)
+        assert time.monotonic() - t0 < 2.0
+        assert 5 <= sent <= 30, sent
+    finally:
+        timer.cancel()
+    with source(broker, topic, f"g-{topic}") as src:
+        consume(src, 60 + sent)
+        assert_quiet(src, 0.5)
+
+
+def test_ensure_topics_is_idempotent(broker: str, topic: str) -> None:
+    ensure_topics(broker, [topic, topic, f"{topic}.dlq"])
+    ensure_topics(broker, [topic + "-new"], partitions=2)
+    ensure_topics(broker, [topic + "-new"], partitions=2)
+    c = KafkaConsumer(bootstrap_servers=broker)
+    try:
+        assert c.partitions_for_topic(topic + "-new") == {0, 1}
+    finally:
+        c.close()
