@@ -27,7 +27,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,6 +38,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -52,6 +54,7 @@ ENCODING_FORMATS = ("float", "base64")
 
 _EMBEDDINGS_FIELDS = frozenset({"input", "model", "encoding_format", "user", "dimensions"})
 _RANK_FIELDS = frozenset({"image", "texts", "model"})
+_PARSE_INLINE_BYTES = 256 * 1024  # request bodies smaller than this are parsed on the event loop
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 Scope = MutableMapping[str, Any]
@@ -160,11 +163,6 @@ def build_app(state: AppState) -> FastAPI:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(400, f"invalid request: {exc.errors()}", "invalid_request")
 
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        # uvicorn logs the traceback; the client gets the exception type, never internals.
-        return error_response(500, f"internal error ({type(exc).__name__})", "internal_error")
-
     async def json_body(request: Request) -> Any:
         """The request body parsed as JSON, read up to ``max_request_bytes``."""
         limit = limits.max_request_bytes
@@ -194,8 +192,11 @@ def build_app(state: AppState) -> FastAPI:
             raise ApiError(400, "client disconnected before sending the whole body", "bad_request") from None
         if size == 0:
             raise ApiError(400, "request body is empty; expected a JSON object", "invalid_json")
+        data = b"".join(chunks)
         try:
-            return json.loads(b"".join(chunks))
+            if len(data) < _PARSE_INLINE_BYTES:
+                return json.loads(data)
+            return await run_in_threadpool(json.loads, data)  # megabytes of JSON: keep the loop free
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
 
@@ -222,7 +223,9 @@ def build_app(state: AppState) -> FastAPI:
         )
 
     @app.get("/metrics")
-    def prometheus_metrics() -> Response:
+    async def prometheus_metrics() -> Response:
+        # On the event loop (it takes about a millisecond): a scrape must not queue behind model work
+        # in the threadpool, or the metrics would go dark exactly when the API is busiest.
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # --- model routes -------------------------------------------------------------------------
@@ -230,34 +233,20 @@ def build_app(state: AppState) -> FastAPI:
     @app.post("/v1/embeddings")
     def embeddings(body: Any = Depends(json_body)) -> JSONResponse:
         snap = require_snapshot()
-        req = _parse_embeddings(body, limits, snap)
-        metrics.serve_batch_size.observe(len(req.kinds))
-
-        texts = [payload for kind, payload in zip(req.kinds, req.payloads, strict=True) if kind == "text"]
-        images = [payload for kind, payload in zip(req.kinds, req.payloads, strict=True) if kind == "image"]
-        text_at = [i for i, kind in enumerate(req.kinds) if kind == "text"]
-        image_at = [i for i, kind in enumerate(req.kinds) if kind == "image"]
-        with inference_slots:
-            try:
-                image_emb = snap.embed_images(images, limits.records) if images else None
-            except ImageItemError as e:
-                raise _bad_image(e, f"input[{image_at[e.index]}]") from None
-            text_emb = snap.embed_texts(texts) if texts else None
-
-        out = torch.empty((len(req.kinds), snap.arch.embed_dim), dtype=torch.float32)  # (N, D)
-        if text_emb is not None:
-            out[text_at] = text_emb
-        if image_emb is not None:
-            out[image_at] = image_emb
-
+        with _versioned_errors(snap):
+            req = _parse_embeddings(body, limits, snap)
+            metrics.serve_batch_size.observe(len(req.items))
+            with inference_slots:
+                out = _embed_items(snap, req.items, limits)  # (N, D)
         if req.encoding_format == "base64":
             encoded: list[Any] = [
                 base64.b64encode(row.numpy().astype("<f4").tobytes()).decode("ascii") for row in out
             ]
         else:
             encoded = out.tolist()
+        texts = [item for item in req.items if isinstance(item, str)]
         tokens = sum(snap.text_token_counts(texts)) if texts else 0
-        tokens += len(images) * snap.image_tokens  # patch tokens (and class token) per image
+        tokens += (len(req.items) - len(texts)) * snap.image_tokens  # patches and class token per image
         return JSONResponse(
             {
                 "object": "list",
@@ -273,13 +262,14 @@ def build_app(state: AppState) -> FastAPI:
     @app.post("/v1/rank")
     def rank(body: Any = Depends(json_body)) -> JSONResponse:
         snap = require_snapshot()
-        image, texts = _parse_rank(body, limits)
-        with inference_slots:
-            try:
-                image_emb = snap.embed_images([image], limits.records)  # (1, D)
-            except ImageItemError as e:
-                raise _bad_image(e, "image") from None
-            text_emb = snap.embed_texts(texts)  # (N, D)
+        with _versioned_errors(snap):
+            image, texts = _parse_rank(body, limits)
+            with inference_slots:
+                try:
+                    image_emb = snap.embed_images([image], limits.records)  # (1, D)
+                except ImageItemError as e:
+                    raise _bad_image(e, "image") from None
+                text_emb = snap.embed_texts(texts)  # (N, D)
         scores = snap.logit_scale * (image_emb @ text_emb.T)[0]  # (N,)
         probabilities = torch.softmax(scores.double(), dim=0)
         return JSONResponse(
@@ -358,9 +348,35 @@ def build_app(state: AppState) -> FastAPI:
 
 @dataclass(frozen=True)
 class _EmbeddingsRequest:
-    kinds: list[str]  # "text" or "image", per input item, in input order
-    payloads: list[Any]  # str for a text, decoded bytes for an image
+    items: list[str | bytes]  # in input order: a text, or the encoded bytes of an image
     encoding_format: str
+
+
+def _embed_items(snap: ModelSnapshot, items: list[str | bytes], limits: ServeLimits) -> torch.Tensor:
+    """(N, D) embeddings of mixed texts and images, in item order: one batch per modality."""
+    text_at = [i for i, item in enumerate(items) if isinstance(item, str)]
+    image_at = [i for i, item in enumerate(items) if isinstance(item, bytes)]
+    texts = [item for item in items if isinstance(item, str)]
+    images = [item for item in items if isinstance(item, bytes)]
+    out = torch.empty((len(items), snap.arch.embed_dim), dtype=torch.float32)  # (N, D)
+    if images:
+        try:
+            out[image_at] = snap.embed_images(images, limits.records)
+        except ImageItemError as e:
+            raise _bad_image(e, f"input[{image_at[e.index]}]") from None
+    if texts:
+        out[text_at] = snap.embed_texts(texts)
+    return out
+
+
+@contextmanager
+def _versioned_errors(snap: ModelSnapshot) -> Iterator[None]:
+    """Errors raised while answering from ``snap`` name its version too, like its answers do."""
+    try:
+        yield
+    except ApiError as e:
+        e.headers = {**(e.headers or {}), MODEL_VERSION_HEADER: snap.version}
+        raise
 
 
 def _parse_embeddings(body: Any, limits: ServeLimits, snap: ModelSnapshot) -> _EmbeddingsRequest:
@@ -408,14 +424,12 @@ def _parse_embeddings(body: Any, limits: ServeLimits, snap: ModelSnapshot) -> _E
         raise ApiError(
             400, f"input has {len(items)} items, limit {limits.max_items}", "too_many_items", param="input"
         )
-    kinds: list[str] = []
-    payloads: list[Any] = []
+    parsed: list[str | bytes] = []
     for i, item in enumerate(items):
         where = "input" if isinstance(raw, str) else f"input[{i}]"
         if isinstance(item, str):
             _check_text(item, where, limits)
-            kinds.append("text")
-            payloads.append(item)
+            parsed.append(item)
         elif isinstance(item, dict):
             if set(item) != {"image"}:
                 raise ApiError(
@@ -424,8 +438,7 @@ def _parse_embeddings(body: Any, limits: ServeLimits, snap: ModelSnapshot) -> _E
                     "wrong_type",
                     param=where,
                 )
-            kinds.append("image")
-            payloads.append(_decode_base64_image(item["image"], where))
+            parsed.append(_decode_base64_image(item["image"], where))
         elif (isinstance(item, int) and not isinstance(item, bool)) or isinstance(item, list):
             raise ApiError(
                 400,
@@ -440,7 +453,7 @@ def _parse_embeddings(body: Any, limits: ServeLimits, snap: ModelSnapshot) -> _E
                 "wrong_type",
                 param=where,
             )
-    return _EmbeddingsRequest(kinds, payloads, encoding_format)
+    return _EmbeddingsRequest(parsed, encoding_format)
 
 
 def _parse_rank(body: Any, limits: ServeLimits) -> tuple[bytes, list[str]]:
@@ -549,7 +562,12 @@ def _json_type(value: Any) -> str:
 class _RequestMetrics:
     """ASGI middleware: counts every HTTP request by route template, method and status code, and
     times it. The route is the matched template (``/v1/embeddings``), ``unmatched`` otherwise, so
-    a client probing random paths cannot grow the label set."""
+    a client probing random paths cannot grow the label set.
+
+    It also turns an unexpected exception into a JSON 500 (logged with its traceback here; the
+    client gets the exception type only). Answering here, rather than letting the exception reach
+    the server, keeps the client's connection open for its next request.
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -559,7 +577,7 @@ class _RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500  # what the client gets if the app raises before answering
+        status: int | None = None
         start = time.perf_counter()
 
         async def send_status(message: Message) -> None:
@@ -571,12 +589,19 @@ class _RequestMetrics:
         self.metrics.http_in_flight.inc()
         try:
             await self.app(scope, receive, send_status)
+        except Exception as exc:
+            log.exception("unhandled error answering %s %s", scope.get("method"), scope.get("path"))
+            if status is not None:  # the answer has begun: nothing to do but drop the connection
+                raise
+            response = error_response(500, f"internal error ({type(exc).__name__})", "internal_error")
+            await response(scope, receive, send_status)
         finally:
             self.metrics.http_in_flight.dec()
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope.get("method", "OTHER")
             method = method if method in _KNOWN_METHODS else "OTHER"
-            self.metrics.http_requests.labels(route=route, method=method, code=str(status)).inc()
+            code = str(status if status is not None else 500)
+            self.metrics.http_requests.labels(route=route, method=method, code=code).inc()
             self.metrics.http_latency.labels(route=route).observe(time.perf_counter() - start)
 
 

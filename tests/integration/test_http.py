@@ -73,6 +73,7 @@ class RecordingControls:
 
     calls: list[str] = field(default_factory=list)
     reject_grow: bool = False
+    broken_checkpoint: bool = False
 
     def request_grow(self) -> dict[str, Any]:
         self.calls.append("grow")
@@ -82,6 +83,8 @@ class RecordingControls:
 
     def request_checkpoint(self) -> dict[str, Any]:
         self.calls.append("checkpoint")
+        if self.broken_checkpoint:
+            raise OSError("disk full")
         return {"accepted": True, "step": 7}
 
     def pause(self) -> dict[str, Any]:
@@ -105,8 +108,8 @@ def snap0() -> ModelSnapshot:
     return snapshot(generation=0, step=100)
 
 
-def start_api(**state_kwargs: Any) -> Api:
-    state = AppState(store=SnapshotStore(), metrics=Metrics(), limits=LIMITS, **state_kwargs)
+def start_api(limits: ServeLimits = LIMITS, **state_kwargs: Any) -> Api:
+    state = AppState(store=SnapshotStore(), metrics=Metrics(), limits=limits, **state_kwargs)
     server = HttpServer(build_app(state), "127.0.0.1", 0)
     server.start()
     client = httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30.0)
@@ -257,42 +260,59 @@ def test_base64_encoding_decodes_to_the_same_floats(api: Api) -> None:
 def test_hot_swap_while_requests_run(fresh_api: Api, snap0: ModelSnapshot) -> None:
     api = fresh_api
     swaps = [snapshot(generation=g, step=100 + 50 * g, seed=g) for g in (1, 2, 3)]
-    published = {"growclip@" + s.version for s in [snap0, *swaps]}
-    seen: list[str] = []
+    order = ["growclip@" + s.version for s in [snap0, *swaps]]
+    image = png((1, 2, 3))
+    expected = {  # what each version answers: a response must come from one model, whole
+        "growclip@" + s.version: torch.cat(
+            [s.embed_texts(["a red dress"]), s.embed_images([image], LIMITS.records)]
+        )
+        for s in [snap0, *swaps]
+    }
+    seen: dict[int, list[str]] = {0: [], 1: []}
     failures: list[str] = []
     stop = threading.Event()
 
-    def hammer() -> None:
+    def hammer(worker: int) -> None:
         with httpx.Client(base_url=str(api.client.base_url), timeout=30.0) as client:
             while not stop.is_set():
-                resp = embed(client, ["a red dress", {"image": b64(png((1, 2, 3)))}])
+                resp = embed(client, ["a red dress", {"image": b64(image)}])
                 if resp.status_code != 200:
                     failures.append(resp.text)
                     continue
-                body = resp.json()
-                if resp.headers[MODEL_VERSION_HEADER] != body["model"].removeprefix("growclip@"):
-                    failures.append(f"header {resp.headers[MODEL_VERSION_HEADER]} != {body['model']}")
-                if len(body["data"]) != 2 or any(len(d["embedding"]) != EMBED_DIM for d in body["data"]):
-                    failures.append("wrong shape")
-                seen.append(body["model"])
+                model = resp.json()["model"]
+                if model not in expected:
+                    failures.append(f"unknown model {model}")
+                    continue
+                if resp.headers[MODEL_VERSION_HEADER] != model.removeprefix("growclip@"):
+                    failures.append(f"header {resp.headers[MODEL_VERSION_HEADER]} != {model}")
+                if not torch.allclose(vectors(resp), expected[model], atol=1e-5):
+                    failures.append(f"embeddings do not match {model}")
+                seen[worker].append(model)
 
-    workers = [threading.Thread(target=hammer) for _ in range(2)]
+    workers = [threading.Thread(target=hammer, args=(i,)) for i in seen]
     for w in workers:
         w.start()
     try:
         for s in swaps:
-            before = len(seen)
+            # Two more answers per worker: the second one started after the publish.
             api.state.store.publish(s)
-            while len(seen) < before + 4 and not failures and all(w.is_alive() for w in workers):
+            want = {i: len(versions) + 2 for i, versions in seen.items()}
+            while (
+                any(len(seen[i]) < want[i] for i in seen)
+                and not failures
+                and all(w.is_alive() for w in workers)
+            ):
                 stop.wait(0.01)
     finally:
         stop.set()
         for w in workers:
             w.join(30)
     assert not failures, failures[:3]
-    assert set(seen) <= published
-    assert seen[-1] == "growclip@" + swaps[-1].version
-    assert len(set(seen)) >= 2
+    for versions in seen.values():  # one client never sees an older model after a newer one
+        ranks = [order.index(v) for v in versions]
+        assert ranks == sorted(ranks)
+    assert {versions[-1] for versions in seen.values()} == {order[-1]}
+    assert len({v for versions in seen.values() for v in versions}) >= 3
 
 
 # --- rank and model ----------------------------------------------------------------------------
@@ -381,7 +401,9 @@ BAD_CASES: list[tuple[str, Any, int, str, str]] = [
     ("name", "body", "status", "code", "contains"), BAD_CASES, ids=[c[0] for c in BAD_CASES]
 )
 def test_embeddings_rejects(api: Api, name: str, body: Any, status: int, code: str, contains: str) -> None:
-    assert_error(api.client.post("/v1/embeddings", json=body), status, code, contains=contains)
+    resp = api.client.post("/v1/embeddings", json=body)
+    assert_error(resp, status, code, contains=contains)
+    assert resp.headers[MODEL_VERSION_HEADER] == "0.100"  # the model that judged the request
     assert vectors(embed(api.client, "still serving")).shape == (1, EMBED_DIM)
 
 
@@ -429,6 +451,15 @@ def test_request_size_is_bounded_declared_and_actual(api: Api) -> None:
     assert_error(resp, 413, "request_too_large", contains="exceeds the limit")
 
     assert vectors(embed(c, "still serving")).shape == (1, EMBED_DIM)
+
+
+def test_large_bodies_within_the_limit_are_served(make_api: Any, snap0: ModelSnapshot) -> None:
+    limits = ServeLimits(max_request_bytes=1024 * 1024, max_items=8, max_text_chars=100_000)
+    api = make_api(limits=limits)
+    api.state.store.publish(snap0)
+    texts = [c * 90_000 for c in "abcd"]  # 360 kB of JSON: parsed off the event loop
+    got = vectors(embed(api.client, texts))
+    assert torch.allclose(got, snap0.embed_texts(texts), atol=1e-6)
 
 
 # --- metrics -----------------------------------------------------------------------------------
@@ -501,6 +532,12 @@ def test_admin_needs_the_right_token(make_api: Any) -> None:
 
     controls.reject_grow = True
     assert_error(c.post("/admin/grow", headers=auth), 409, "conflict", contains="already running")
+    controls.broken_checkpoint = True  # an unexpected failure: a JSON 500 that leaks no internals
+    err = assert_error(c.post("/admin/checkpoint", headers=auth), 500, "internal_error", contains="OSError")
+    assert "disk full" not in err["message"]
+    assert c.get("/healthz").status_code == 200
+    scrape = c.get("/metrics").text
+    assert 'growclip_http_requests_total{code="500",method="POST",route="/admin/checkpoint"} 1.0' in scrape
 
 
 def test_admin_without_controls_attached(make_api: Any) -> None:
