@@ -86,8 +86,12 @@ def iter_records(
     Ids are ``"<prefix>-<index>"`` in the first pass and ``"<prefix>-<index>#e<epoch>"`` in later
     passes, so they stay unique and :func:`records.is_held_out` treats every pass alike. Each pass
     has its own order and caption draws; the same (seed, epoch) always gives the same records.
+    A missing dataset raises here, not at the first ``next()``.
     """
-    data = _load(name, split)
+    return _iterate(name, split, _load(name, split), seed, repeat)
+
+
+def _iterate(name: str, split: Split, data: _Split, seed: int, repeat: bool) -> Iterator[Record]:
     epoch = 0
     while True:
         rng = random.Random(f"{name}:{split}:{seed}:{epoch}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.errors import IllegalStateError
 from kafka.structs import OffsetAndMetadata
 
 from growclip_stream.data.produce import MAX_REQUEST_BYTES, ensure_topics, make_producer
@@ -111,7 +112,10 @@ class KafkaSource:
     def _refresh_lag(self) -> None:
         lag: dict[int, int] = {}
         for tp in self._consumer.assignment():
-            highwater = self._consumer.highwater(tp)
+            try:
+                highwater = self._consumer.highwater(tp)
+            except IllegalStateError:  # revoked by a rebalance since assignment() was read
+                continue
             if highwater is None:  # no fetch response for this partition yet
                 continue
             with self._lock:
