@@ -8,7 +8,7 @@ PYTHON  ?= python3
 CONFIG  ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap datasets run test lint typecheck clean
+.PHONY: bootstrap debian-packages run test lint typecheck clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
-datasets:
-	bash scripts/install-datasets.sh
+debian-packages:
+	bash scripts/install-debian-packages.sh
 
-bootstrap: $(STAMP) datasets
+bootstrap: $(STAMP) debian-packages
 
 run: bootstrap
 	$(VENV)/bin/growclip-daemon start --config $(CONFIG)

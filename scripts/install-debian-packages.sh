@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Installs the real datasets the demo and the tests stream (Debian packages), once.
+# Installs, once, the Debian packages the demo and the tests use: the real datasets they stream
+# and promtool (package prometheus) to check the metrics exposition.
 set -euo pipefail
 need=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
+command -v promtool >/dev/null || need+=(prometheus)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
