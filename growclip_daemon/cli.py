@@ -15,10 +15,14 @@ import typer
 
 from growclip_daemon.config import ConfigError, DaemonConfig, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Online, self-growing CLIP training and serving.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Online, self-growing CLIP training and serving."
+)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key.path=value (repeatable).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: key.path=value (repeatable).")
+]
 
 
 def _config(config: Path | None, overrides: list[str] | None) -> DaemonConfig:
@@ -72,7 +76,9 @@ def stop(
 
 
 @app.command()
-def status(url: Annotated[str, typer.Option(help="Base URL of the daemon's HTTP API.")] = "http://127.0.0.1:8080") -> None:
+def status(
+    url: Annotated[str, typer.Option(help="Base URL of the daemon's HTTP API.")] = "http://127.0.0.1:8080",
+) -> None:
     """Print the daemon's state as JSON: model, growth history, training, source positions and lag."""
     try:
         resp = httpx.get(f"{url.rstrip('/')}/v1/model", timeout=10)
@@ -92,9 +98,13 @@ def produce(
     topic: Annotated[str, typer.Option(help="Topic to publish to (created if missing).")],
     dataset: Annotated[str, typer.Option(help="Dataset name, e.g. fashion-mnist.")],
     limit: Annotated[int | None, typer.Option(help="Stop after this many records.")] = None,
-    rate: Annotated[float | None, typer.Option(help="Records per second (default: as fast as possible).")] = None,
+    rate: Annotated[
+        float | None, typer.Option(help="Records per second (default: as fast as possible).")
+    ] = None,
     format: Annotated[str, typer.Option("--format", help="json or binary.")] = "json",
-    split: Annotated[str, typer.Option(help="Dataset split; the test split is reserved for evaluation.")] = "train",
+    split: Annotated[
+        str, typer.Option(help="Dataset split; the test split is reserved for evaluation.")
+    ] = "train",
     repeat: Annotated[bool, typer.Option(help="Loop over the dataset forever (ids stay unique).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the caption choice.")] = 0,
 ) -> None:

@@ -83,7 +83,9 @@ class DaemonConfig(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> DaemonConfig:
         if self.kafka.heartbeat_interval_ms * 3 > self.kafka.session_timeout_ms:
-            raise ValueError("kafka.heartbeat_interval_ms must be at most a third of kafka.session_timeout_ms")
+            raise ValueError(
+                "kafka.heartbeat_interval_ms must be at most a third of kafka.session_timeout_ms"
+            )
         return self
 
 

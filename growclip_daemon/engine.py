@@ -147,10 +147,21 @@ class TrainingService(ThreadService):
         self.runtime.crash = err
         self.runtime.stop_requested.set()
 
-    def publish(self, model: GrowCLIP, *, generation: int, step: int, samples_trained: int,
-                growth_history: Sequence[dict]) -> None:
+    def publish(
+        self,
+        model: GrowCLIP,
+        *,
+        generation: int,
+        step: int,
+        samples_trained: int,
+        growth_history: Sequence[dict],
+    ) -> None:
         snap = ModelSnapshot.capture(
-            model, generation=generation, step=step, samples_trained=samples_trained, growth_history=growth_history
+            model,
+            generation=generation,
+            step=step,
+            samples_trained=samples_trained,
+            growth_history=growth_history,
         )
         self.store.publish(snap)
         self.metrics.set_model(snap)
@@ -296,7 +307,9 @@ class Daemon:
         self.http = HttpService(cfg, state)
         children: list[Service] = []
         if cfg.kafka.embedded:
-            children.append(BrokerService(self.runtime, cfg.kafka.embedded_port, self.state_dir / "broker.log"))
+            children.append(
+                BrokerService(self.runtime, cfg.kafka.embedded_port, self.state_dir / "broker.log")
+            )
         children += [self.http, self.training]
         if cfg.producer.enabled:
             children.append(ProducerService(cfg, self.runtime))

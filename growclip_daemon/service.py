@@ -71,7 +71,9 @@ class ServiceTree(Service):
 class ThreadService(Service):
     """Runs `run(stop_event)` in a thread; `stop()` sets the event and joins."""
 
-    def __init__(self, on_crash: Callable[[BaseException], None] | None = None, join_timeout_s: float = 60) -> None:
+    def __init__(
+        self, on_crash: Callable[[BaseException], None] | None = None, join_timeout_s: float = 60
+    ) -> None:
         super().__init__()
         self.stop_event = threading.Event()
         self.error: BaseException | None = None

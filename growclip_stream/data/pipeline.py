@@ -111,7 +111,7 @@ class Batcher:
 
 
 def route(decoder: Decoder, msg: RawMessage, holdout_fraction: float) -> tuple[str, Sample | RecordError]:
-    """Decode one message and say where it goes: ("trained", sample), ("held_out", sample) or (reason, error)."""
+    """Decode one message and say where it goes: ("trained" | "held_out", sample) or (reason, error)."""
     try:
         sample = decoder(msg)
     except RecordError as err:

@@ -128,11 +128,15 @@ class GrowthController:
         state = TriggerState(samples_trained - self.samples_at_last_growth, num_params)
         return self.trigger.name if self.trigger.fires(state) else None
 
-    def grow(self, model: GrowCLIP, *, trigger: str, step: int, samples: int) -> tuple[GrowCLIP, GrowthEvent] | None:
+    def grow(
+        self, model: GrowCLIP, *, trigger: str, step: int, samples: int
+    ) -> tuple[GrowCLIP, GrowthEvent] | None:
         """Grow ``model`` (left untouched) and record the event; None when no candidate fits the bounds."""
         start = time.monotonic()
         choice = self.policy.choose(model)
-        self.samples_at_last_growth = samples  # also on a refusal, so a capped model does not retry every step
+        self.samples_at_last_growth = (
+            samples  # also on a refusal, so a capped model does not retry every step
+        )
         if choice is None:
             return None
         grown = apply_ops(model, choice.ops, generator=self._generator)

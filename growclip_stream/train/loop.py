@@ -52,7 +52,13 @@ class DeadLetter(Protocol):
 
 class Publisher(Protocol):
     def __call__(
-        self, model: GrowCLIP, *, generation: int, step: int, samples_trained: int, growth_history: Sequence[dict]
+        self,
+        model: GrowCLIP,
+        *,
+        generation: int,
+        step: int,
+        samples_trained: int,
+        growth_history: Sequence[dict],
     ) -> None: ...
 
 
@@ -101,7 +107,10 @@ class OnlineLoop:
 
     # -- the loop thread -------------------------------------------------------------------
     def run(
-        self, stop: threading.Event, paused: threading.Event | None = None, tick: Callable[[], None] | None = None
+        self,
+        stop: threading.Event,
+        paused: threading.Event | None = None,
+        tick: Callable[[], None] | None = None,
     ) -> None:
         """Loop until `stop` is set, idling while `paused` is; `tick` runs after every iteration."""
         self.publish_now()
@@ -179,8 +188,13 @@ class OnlineLoop:
         self.trainer.swap_model(model)
         log.info(
             "grew model",
-            extra={"generation": event.generation, "ops": list(event.ops), "trigger": trigger,
-                   "params": event.params_after, "step": event.step},
+            extra={
+                "generation": event.generation,
+                "ops": list(event.ops),
+                "trigger": trigger,
+                "params": event.params_after,
+                "step": event.step,
+            },
         )
         self.observer.on_growth(event)
         self.publish_now()

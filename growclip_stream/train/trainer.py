@@ -61,7 +61,7 @@ class OnlineTrainer:
         self.optimizer = build_optimizer(self.model, cfg)
 
     def lr_at(self, step: int) -> float:
-        """Linear warmup from the start (and re-warmup after each growth), then constant: the stream has no end."""
+        """Linear warmup at start and re-warmup after each growth, then constant: the stream has no end."""
         if self._warm_len == 0:
             return self.cfg.lr
         return self.cfg.lr * min(1.0, (step - self._warm_from + 1) / self._warm_len)

@@ -123,7 +123,10 @@ def test_daemon_trains_grows_serves_and_stops_cleanly(tmp_path: Path) -> None:
 
         # it trained: the smoothed loss is below the first step's (log(128) ~ 4.85 at chance)
         status = wait_for(
-            lambda: (s := client.get("/v1/model").json())["training"]["step"] >= 60 and s, 120, "60 steps", proc
+            lambda: (s := client.get("/v1/model").json())["training"]["step"] >= 60 and s,
+            120,
+            "60 steps",
+            proc,
         )
         assert status["training"]["loss_ema"] < status["training"]["loss_first"] - 0.3
         assert status["training"]["samples_trained"] >= 60 * 128
@@ -131,7 +134,9 @@ def test_daemon_trains_grows_serves_and_stops_cleanly(tmp_path: Path) -> None:
         # bad requests get a 4xx with a reason, and the daemon keeps serving
         empty = client.post("/v1/embeddings", json={"input": []})
         assert empty.status_code == 400 and "error" in empty.json()
-        big = client.post("/v1/embeddings", content=b"x" * (9 * 1024 * 1024), headers={"content-type": "application/json"})
+        big = client.post(
+            "/v1/embeddings", content=b"x" * (9 * 1024 * 1024), headers={"content-type": "application/json"}
+        )
         assert big.status_code == 413
         assert client.get("/healthz").status_code == 200
 

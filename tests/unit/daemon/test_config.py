@@ -14,7 +14,9 @@ def test_shipped_configs_validate(name: str) -> None:
 
 
 def test_overrides_are_typed_and_nested() -> None:
-    cfg = load_config(None, ["train.lr=0.01", "model.image.depth=3", "kafka.embedded=true", "growth.plan=[deepen:text+1]"])
+    cfg = load_config(
+        None, ["train.lr=0.01", "model.image.depth=3", "kafka.embedded=true", "growth.plan=[deepen:text+1]"]
+    )
     assert cfg.train.lr == 0.01
     assert cfg.model.image.depth == 3
     assert cfg.kafka.embedded is True
@@ -53,7 +55,7 @@ def test_malformed_files_and_overrides(tmp_path: Path) -> None:
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(lst)
-    with pytest.raises(ConfigError, match="key.path=value"):
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
         parse_override("no-equals-sign")
     with pytest.raises(ConfigError, match="is a value, not a section"):
         load_config(None, ["log_level=INFO", "log_level.x=1"])

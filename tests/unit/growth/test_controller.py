@@ -9,7 +9,9 @@ from growclip_stream.model import ArchConfig, GrowCLIP, TowerConfig
 
 def small_arch() -> ArchConfig:
     t = TowerConfig(width=16, depth=1, mlp_hidden=32, head_dim=8)
-    return ArchConfig(image=t, text=t, shared=TowerConfig(width=16, depth=0, mlp_hidden=32, head_dim=8), embed_dim=16)
+    return ArchConfig(
+        image=t, text=t, shared=TowerConfig(width=16, depth=0, mlp_hidden=32, head_dim=8), embed_dim=16
+    )
 
 
 def test_data_volume_trigger_scales_with_model_size() -> None:
@@ -21,7 +23,9 @@ def test_data_volume_trigger_scales_with_model_size() -> None:
 
 
 def test_controller_grows_on_schedule_and_records_history() -> None:
-    cfg = GrowthConfig(samples_per_param=0.0, min_interval_samples=1000, plan=("deepen:image+1", "deepen:text+1"))
+    cfg = GrowthConfig(
+        samples_per_param=0.0, min_interval_samples=1000, plan=("deepen:image+1", "deepen:text+1")
+    )
     ctrl = GrowthController(cfg)
     model = GrowCLIP(small_arch())
     assert ctrl.due(999, model.arch.num_params()) is None
@@ -44,7 +48,9 @@ def test_policy_skips_operators_over_bounds() -> None:
     cap = arch.num_params() + 1  # nothing that adds parameters fits
     policy = ScheduledPolicy(GrowthConfig(max_params=cap, plan=("widen:image*2", "deepen:text+1")))
     assert policy.choose(GrowCLIP(arch)) is None
-    flops_bound = ScheduledPolicy(GrowthConfig(max_flops_factor=1.05, plan=("widen:image*2", "widen_mlp:text+8")))
+    flops_bound = ScheduledPolicy(
+        GrowthConfig(max_flops_factor=1.05, plan=("widen:image*2", "widen_mlp:text+8"))
+    )
     choice = flops_bound.choose(GrowCLIP(arch))
     assert choice is not None and [str(o) for o in choice.ops] == ["widen_mlp:text+8"]
     assert "FLOPs" in choice.candidates[0]["verdict"]

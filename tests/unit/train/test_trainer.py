@@ -8,7 +8,9 @@ from growclip_stream.train.trainer import Batch, OnlineTrainer
 
 def tiny_arch() -> ArchConfig:
     t = TowerConfig(width=16, depth=1, mlp_hidden=32, head_dim=8)
-    return ArchConfig(image=t, text=t, shared=TowerConfig(width=16, depth=0, mlp_hidden=32, head_dim=8), embed_dim=16)
+    return ArchConfig(
+        image=t, text=t, shared=TowerConfig(width=16, depth=0, mlp_hidden=32, head_dim=8), embed_dim=16
+    )
 
 
 def fixed_batch(arch: ArchConfig, n: int = 16) -> Batch:
