@@ -21,7 +21,7 @@ import torch
 
 from growclip_daemon.broker import EmbeddedBroker
 from growclip_daemon.config import DaemonConfig
-from growclip_daemon.http import AppState, HttpServer, ServeLimits, build_app
+from growclip_daemon.http import AppState, ControlRejected, HttpServer, ServeLimits, build_app
 from growclip_daemon.metrics import Metrics
 from growclip_daemon.service import Service, ServiceTree, ThreadService
 from growclip_stream.data.datasets import iter_records
@@ -252,12 +252,12 @@ class TrainingService(ThreadService):
 
     def request_grow(self) -> dict[str, Any]:
         if self.loop is None:
-            return {"accepted": False, "reason": "training has not started"}
+            raise ControlRejected("training has not started")
         self.loop.request_grow()
         return {"accepted": True, "detail": "growth runs at the next training step"}
 
     def request_checkpoint(self) -> dict[str, Any]:
-        return {"accepted": False, "reason": "durable checkpoints are not available in this version"}
+        raise ControlRejected("durable checkpoints are not available in this version")
 
     def pause(self) -> dict[str, Any]:
         self.paused.set()
