@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 DEFAULT_PLAN = (
     "deepen:image+1",
@@ -13,6 +14,22 @@ DEFAULT_PLAN = (
     "widen:image*2",
     "widen:text*2",
 )
+
+# Operator templates of the growth space (growth.space): every candidate is one of these or a
+# combination of several on different (tower, kind) pairs.
+DEFAULT_SPACE = (
+    "deepen:image+1",
+    "deepen:text+1",
+    "deepen:shared+1",
+    "widen:image*2",
+    "widen:text*2",
+    "widen_mlp:image+64",
+    "widen_mlp:text+64",
+    "widen_mlp:shared+64",
+)
+
+SELECTION_RULES = ("gain_per_flop", "min_loss")
+PIM_MODES = ("blend", "ema")
 
 
 @dataclass(frozen=True)
@@ -29,6 +46,27 @@ class GrowthConfig:
     # an operator that would break a bound is skipped.
     plan: tuple[str, ...] = DEFAULT_PLAN
     seed: int = 0  # seeds the random splits of widening
+    # --- supernet search (growth.space, growth.supernet, growth.selection)
+    space: tuple[str, ...] = DEFAULT_SPACE  # operator templates candidates are built from
+    max_ops_per_step: int = 2  # a candidate combines at most this many templates (different tower/kind)
+    supernet_steps: int = 50  # supernet training steps per growth (0: score the inherited weights only)
+    supernet_sample_k: int = 2  # random candidates per supernet step, besides the base and the largest
+    # How the held-out scores pick the winner: "gain_per_flop" = (base loss - candidate loss) per
+    # added GFLOP/sample; "min_loss" = lowest held-out loss.
+    selection_rule: Literal["gain_per_flop", "min_loss"] = "gain_per_flop"
+    # --- parameter inheriting with momentum (growth.pim)
+    # "blend": grown = m * inherited (function-preserving) + (1 - m) * supernet-trained weights;
+    # "ema": grow from m * last weights + (1 - m) * an EMA of the pre-growth weights.
+    pim_mode: Literal["blend", "ema"] = "blend"
+    momentum: float = 0.5  # m above, in [0, 1]; 1 = plain function-preserving inheritance
+    ema_decay: float = 0.99  # per-step decay of the weight EMA used by pim_mode "ema", in [0, 1)
+    # --- loss-plateau trigger (growth.plateau)
+    plateau_patience: int = 200  # steps in the slope window; also the minimum steps since the last growth
+    plateau_threshold: float = 1e-4  # fires when the smoothed loss falls slower than this per step
+    plateau_smoothing: float = 0.9  # EMA decay applied to the training loss before the slope fit, in [0, 1)
+    # --- replay (data.replay)
+    replay_capacity: int = 10_000  # samples kept in the replay reservoir
+    replay_fraction: float = 0.25  # share of each training batch replaced by replayed samples, in [0, 1)
 
     __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012 - read by the daemon's config validation
 
@@ -45,3 +83,38 @@ class GrowthConfig:
             raise ValueError("plan must name at least one operator")
         for op in self.plan:
             GrowthOp.parse(op)  # raises ValueError naming the bad operator
+        if not self.space:
+            raise ValueError("space must name at least one operator template")
+        for op in self.space:
+            try:
+                GrowthOp.parse(op)
+            except ValueError as err:
+                raise ValueError(f"space: {err}") from None
+        if not _is_int(self.max_ops_per_step) or self.max_ops_per_step < 1:
+            raise ValueError(f"max_ops_per_step must be an int >= 1, got {self.max_ops_per_step!r}")
+        if not _is_int(self.supernet_steps) or self.supernet_steps < 0:
+            raise ValueError(f"supernet_steps must be an int >= 0, got {self.supernet_steps!r}")
+        if not _is_int(self.supernet_sample_k) or self.supernet_sample_k < 0:
+            raise ValueError(f"supernet_sample_k must be an int >= 0, got {self.supernet_sample_k!r}")
+        if self.selection_rule not in SELECTION_RULES:
+            raise ValueError(f"selection_rule must be one of {SELECTION_RULES}, got {self.selection_rule!r}")
+        if self.pim_mode not in PIM_MODES:
+            raise ValueError(f"pim_mode must be one of {PIM_MODES}, got {self.pim_mode!r}")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {self.momentum!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not _is_int(self.plateau_patience) or self.plateau_patience < 2:
+            raise ValueError(f"plateau_patience must be an int >= 2, got {self.plateau_patience!r}")
+        if self.plateau_threshold < 0:
+            raise ValueError(f"plateau_threshold must be >= 0, got {self.plateau_threshold!r}")
+        if not 0.0 <= self.plateau_smoothing < 1.0:
+            raise ValueError(f"plateau_smoothing must be in [0, 1), got {self.plateau_smoothing!r}")
+        if not _is_int(self.replay_capacity) or self.replay_capacity < 0:
+            raise ValueError(f"replay_capacity must be an int >= 0, got {self.replay_capacity!r}")
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

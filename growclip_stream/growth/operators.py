@@ -28,6 +28,12 @@ the output keeps its device and dtype.
 
 After growth, anything wrapping the old model (optimizer, `torch.compile`, DDP, EMA copies) must be
 rebuilt around the new one: parameters are new tensor objects.
+
+Per-element optimizer statistics (Adam's exp_avg, exp_avg_sq) grow with `grow_optimizer_state`: the
+same index maps as the weights, except that fan-in splits are *replicated* (each copy of a split
+weight receives the original weight's gradient, so it inherits the original's statistics, not a
+share of them), new elements of an existing tensor (new MLP units) get zeros, and parameters that
+did not exist before (new blocks) get no entry, so the optimizer starts them fresh.
 """
 
 from __future__ import annotations
@@ -49,7 +55,15 @@ from growclip_stream.model.clip import (
     init_weights,
 )
 
-__all__ = ["GrowthOp", "TowerName", "apply_op", "apply_ops", "grow_arch", "grow_state_dict"]
+__all__ = [
+    "GrowthOp",
+    "TowerName",
+    "apply_op",
+    "apply_ops",
+    "grow_arch",
+    "grow_optimizer_state",
+    "grow_state_dict",
+]
 
 OpKind = Literal["deepen", "widen", "widen_mlp"]
 _KINDS: tuple[OpKind, ...] = ("deepen", "widen", "widen_mlp")
@@ -130,17 +144,25 @@ def _split(t: torch.Tensor, dim: int, r: int, generator: torch.Generator | None)
     return torch.cat(parts, dim=dim)
 
 
+SplitFn = Callable[[torch.Tensor, int, int, torch.Generator | None], torch.Tensor]
+
+
+def _replicate_split(t: torch.Tensor, dim: int, r: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The fan-in map for optimizer statistics: every copy keeps the original's value."""
+    return _replicate(t, dim, r)
+
+
 def _widen_block_rules(
-    prefix: str, w: int, r: int, gen: torch.Generator | None
+    prefix: str, w: int, r: int, gen: torch.Generator | None, split_fn: SplitFn = _split
 ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """How each tensor of one block changes when its residual width w is replicated r times."""
 
     def qkv_weight(t: torch.Tensor) -> torch.Tensor:
         t = _replicate(t.view(3, w, w), 1, r)  # (3, r·w, w): q, k, v each with heads replicated
-        return _split(t, 2, r, gen).reshape(3 * r * w, r * w)  # fan-in split over the residual copies
+        return split_fn(t, 2, r, gen).reshape(3 * r * w, r * w)  # fan-in split over the residual copies
 
     def out_weight(t: torch.Tensor) -> torch.Tensor:
-        return _split(_replicate(t, 0, r), 1, r, gen)  # (r·w, r·w): residual rows copied, heads split
+        return split_fn(_replicate(t, 0, r), 1, r, gen)  # (r·w, r·w): residual rows copied, heads split
 
     def rep0(t: torch.Tensor) -> torch.Tensor:
         return _replicate(t, 0, r)
@@ -154,7 +176,7 @@ def _widen_block_rules(
         f"{prefix}attn.out.bias": rep0,
         f"{prefix}ln_2.weight": rep0,
         f"{prefix}ln_2.bias": rep0,
-        f"{prefix}mlp.fc1.weight": lambda t: _split(t, 1, r, gen),  # (h, r·w)
+        f"{prefix}mlp.fc1.weight": lambda t: split_fn(t, 1, r, gen),  # (h, r·w)
         f"{prefix}mlp.fc1.bias": lambda t: t,  # hidden size unchanged
         f"{prefix}mlp.fc2.weight": rep0,
         f"{prefix}mlp.fc2.bias": rep0,
@@ -194,7 +216,9 @@ def _widen_mlp(arch: ArchConfig, state: State, op: GrowthOp, gen: torch.Generato
     return out
 
 
-def _widen(arch: ArchConfig, state: State, op: GrowthOp, gen: torch.Generator | None) -> State:
+def _widen(
+    arch: ArchConfig, state: State, op: GrowthOp, gen: torch.Generator | None, split_fn: SplitFn = _split
+) -> State:
     tower, r = op.tower, op.amount
     cfg = arch.tower(tower)
 
@@ -202,11 +226,11 @@ def _widen(arch: ArchConfig, state: State, op: GrowthOp, gen: torch.Generator | 
         return lambda t: _replicate(t, dim, r)
 
     def split(dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda t: _split(t, dim, r, gen)
+        return lambda t: split_fn(t, dim, r, gen)
 
     rules: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for i in range(cfg.depth):
-        rules.update(_widen_block_rules(f"{tower}.blocks.{i}.", cfg.width, r, gen))
+        rules.update(_widen_block_rules(f"{tower}.blocks.{i}.", cfg.width, r, gen, split_fn))
     if tower == "image":
         rules["image.patch_embed.weight"] = rep(0)  # (r·w, C, p, p)
         rules["image.class_token"] = rep(0)  # (r·w,)
@@ -237,6 +261,40 @@ def grow_state_dict(
     """Apply `op` to a GrowCLIP state dict of shape `arch`: (new arch, new state dict). Inputs untouched."""
     with torch.no_grad():
         new_state = _OPERATORS[op.kind](arch, state, op, generator)
+    return grow_arch(arch, op), new_state
+
+
+def _widen_mlp_zeros(arch: ArchConfig, state: State, op: GrowthOp) -> State:
+    """widen_mlp for optimizer statistics: the new hidden units' entries are zero."""
+    cfg, n = arch.tower(op.tower), op.amount
+    out = dict(state)
+    for i in range(cfg.depth):
+        p = f"{op.tower}.blocks.{i}.mlp."
+        if p + "fc1.weight" in state:
+            fc1 = state[p + "fc1.weight"]
+            out[p + "fc1.weight"] = torch.cat([fc1, fc1.new_zeros(n, cfg.width)])
+        if p + "fc1.bias" in state:
+            out[p + "fc1.bias"] = torch.cat([state[p + "fc1.bias"], state[p + "fc1.bias"].new_zeros(n)])
+        if p + "fc2.weight" in state:
+            fc2 = state[p + "fc2.weight"]
+            out[p + "fc2.weight"] = torch.cat([fc2, fc2.new_zeros(cfg.width, n)], dim=1)
+    return out
+
+
+def grow_optimizer_state(arch: ArchConfig, state: State, op: GrowthOp) -> tuple[ArchConfig, State]:
+    """Grow per-element optimizer statistics (keyed like the model's state dict) along with `op`.
+
+    Same index maps as `grow_state_dict`, deterministic: replicated copies (fan-out rows and fan-in
+    splits alike), zeros for new MLP units, no entry for new blocks. `state` may hold any subset of
+    the parameters (those with optimizer state); absent keys stay absent. Inputs untouched.
+    """
+    with torch.no_grad():
+        if op.kind == "widen":
+            new_state = _widen(arch, state, op, None, _replicate_split)
+        elif op.kind == "widen_mlp":
+            new_state = _widen_mlp_zeros(arch, state, op)
+        else:
+            new_state = dict(state)  # new blocks have no statistics yet
     return grow_arch(arch, op), new_state
 
 

@@ -1,0 +1,312 @@
+"""A weight-sharing supernet over the growth space, with elastic depth, width and MLP size.
+
+The supernet is the union of all candidates: per tower the largest depth increase, the largest MLP
+increase and a width factor every candidate's factor divides (their least common multiple; with the
+default space simply x2). It is built from the current model with the function-preserving operators
+(`apply_ops`, canonical order widen, widen_mlp, deepen), so new blocks sit on top of the old ones at
+the grown width and MLP size, new MLP units follow the old ones, and widened channels are laid out
+as R copies [x, x, ..., x] of the old ones.
+
+Every candidate - and the no-growth base, `Supernet.reference` - is a sub-network sharing the
+supernet's weights, obtained by a differentiable *extraction map* (linear in the supernet's weights):
+
+- depth: keep the first blocks of each tower (new blocks were appended on top);
+- MLP: keep the first hidden units (new units were appended);
+- width: a candidate widening tower T by r where the supernet widened it by R (r divides R) gets
+  the R copies *folded* into r: supernet copy a·r + j belongs to candidate copy j. Dimensions that
+  read the replicated residual (fan-in: qkv, fc1, the out-projection's head inputs, to_shared of a
+  widened tower, proj) *sum* over the folded copies, since the widening split each weight into
+  proportions that sum to 1, this returns the unsplit weight exactly at construction. Dimensions
+  that write the residual or the heads (fan-out rows, embeddings, positions, LayerNorm gains and
+  biases, q/k/v rows) take the *mean* of the folded copies, which are equal at construction.
+
+Consequences, both tested: before any supernet training every candidate's extraction computes the
+same function as the current model (the fold undoes the splits, dropped units and blocks had zero
+output), and a candidate run through `forward_candidate` (the map, then `torch.func.functional_call`
+on a weightless skeleton of its architecture) computes exactly what its standalone `extract` does,
+while gradients flow into the shared supernet weights.
+
+Training uses the sandwich rule (BigNAS): every step accumulates the gradients of the smallest
+sub-network, the largest candidate and `sample_k` other candidates drawn at random. The smallest
+sub-network of this space is the no-growth base; training it keeps a fair reference for selection,
+which compares candidates against the base after the *same* supernet training instead of against the
+model before it (which would credit every candidate with the extra training steps).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import random
+import re
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from growclip_stream.growth.operators import GrowthOp, apply_ops
+from growclip_stream.growth.space import Candidate, canonical_ops, make_candidate
+from growclip_stream.model.clip import TOWER_NAMES, ArchConfig, ClipLoss, ClipOutput, GrowCLIP, TowerName
+from growclip_stream.train.config import TrainConfig
+from growclip_stream.train.trainer import Batch, build_optimizer
+
+__all__ = ["Supernet", "meta_model", "model_from_state", "union_ops"]
+
+State = dict[str, torch.Tensor]
+
+# How each dimension of a parameter maps from the supernet to a candidate:
+# (dim, kind, tower, parts) with kind "out" (fold copies by mean), "in" (fold by sum) or "hidden"
+# (keep the first units); `parts` > 1 when the dimension stacks several width-sized blocks (qkv).
+DimRule = tuple[int, str, TowerName, int]
+
+_BLOCK_RE = re.compile(r"^(?P<tower>image|text|shared)\.blocks\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+def _block_dims(tower: TowerName, rest: str) -> list[DimRule]:
+    out: DimRule = (0, "out", tower, 1)
+    rules: dict[str, list[DimRule]] = {
+        "ln_1.weight": [out],
+        "ln_1.bias": [out],
+        "ln_2.weight": [out],
+        "ln_2.bias": [out],
+        "attn.qkv.weight": [(0, "out", tower, 3), (1, "in", tower, 1)],  # (3·w, w): [q | k | v] rows
+        "attn.qkv.bias": [(0, "out", tower, 3)],
+        "attn.out.weight": [out, (1, "in", tower, 1)],  # (w, w): residual rows, head columns
+        "attn.out.bias": [out],
+        "mlp.fc1.weight": [(0, "hidden", tower, 1), (1, "in", tower, 1)],  # (h, w)
+        "mlp.fc1.bias": [(0, "hidden", tower, 1)],
+        "mlp.fc2.weight": [out, (1, "hidden", tower, 1)],  # (w, h)
+        "mlp.fc2.bias": [out],
+    }
+    if rest not in rules:
+        raise RuntimeError(f"supernet extraction has no rule for block parameter {rest!r}")
+    return rules[rest]
+
+
+_TOP_DIMS: dict[str, list[DimRule]] = {
+    "image.patch_embed.weight": [(0, "out", "image", 1)],  # (w, C, p, p)
+    "image.class_token": [(0, "out", "image", 1)],  # (w,)
+    "image.pos_embed": [(1, "out", "image", 1)],  # (T, w)
+    "image.to_shared.weight": [(0, "out", "shared", 1), (1, "in", "image", 1)],  # (s, w_img)
+    "image.to_shared.bias": [(0, "out", "shared", 1)],
+    "text.token_embed.weight": [(1, "out", "text", 1)],  # (V, w)
+    "text.pos_embed": [(1, "out", "text", 1)],  # (L, w)
+    "text.to_shared.weight": [(0, "out", "shared", 1), (1, "in", "text", 1)],  # (s, w_txt)
+    "text.to_shared.bias": [(0, "out", "shared", 1)],
+    "ln_post.weight": [(0, "out", "shared", 1)],
+    "ln_post.bias": [(0, "out", "shared", 1)],
+    "proj.weight": [(1, "in", "shared", 1)],  # (embed_dim, s)
+    "logit_scale": [],
+}
+
+
+def _fold(
+    t: torch.Tensor, dim: int, parts: int, width: int, big: int, small: int, reduce: str
+) -> torch.Tensor:
+    """Fold `big` copies of a width-`width` layout along `dim` into `small` copies (small divides big)."""
+    if big == small:
+        return t
+    groups = big // small
+    shape = t.shape
+    x = t.reshape(*shape[:dim], parts, groups, small * width, *shape[dim + 1 :])  # copy a·small + j -> (a, j)
+    x = x.mean(dim + 1) if reduce == "out" else x.sum(dim + 1)
+    return x.reshape(*shape[:dim], parts * small * width, *shape[dim + 1 :])
+
+
+@functools.lru_cache(maxsize=64)
+def _meta_template(arch: ArchConfig) -> GrowCLIP:
+    """A weightless GrowCLIP of shape `arch` on the meta device; never mutated, only deep-copied."""
+    with torch.device("meta"):
+        return GrowCLIP(arch)
+
+
+def meta_model(arch: ArchConfig) -> GrowCLIP:
+    """A fresh weightless GrowCLIP of shape `arch` (a copy of a cached template: no init cost)."""
+    return copy.deepcopy(_meta_template(arch))
+
+
+def model_from_state(arch: ArchConfig, state: State, training: bool = True) -> GrowCLIP:
+    """A standalone GrowCLIP of shape `arch` holding (detached, contiguous copies of) `state`."""
+    tensors = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in state.items()}
+    model = meta_model(arch)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.train(training)
+
+
+def _widen_factor(ops: Iterable[GrowthOp], tower: TowerName) -> int:
+    factor = 1
+    for op in ops:
+        if op.kind == "widen" and op.tower == tower:
+            factor *= op.amount
+    return factor
+
+
+def union_ops(candidates: Sequence[Candidate]) -> tuple[GrowthOp, ...]:
+    """The supernet's operators: per tower the lcm of widen factors, the max MLP and depth increase."""
+    ops: list[GrowthOp] = []
+    for tower in TOWER_NAMES:
+        factor = math.lcm(*(_widen_factor(c.ops, tower) for c in candidates))
+        if factor > 1:
+            ops.append(GrowthOp("widen", tower, factor))
+        for kind in ("widen_mlp", "deepen"):
+            amount = max(
+                (op.amount for c in candidates for op in c.ops if (op.kind, op.tower) == (kind, tower)),
+                default=0,
+            )
+            if amount:
+                ops.append(GrowthOp(kind, tower, amount))
+    return canonical_ops(ops)
+
+
+class Supernet:
+    """The union of `candidates`, grown from `base` (left untouched); every candidate shares its weights.
+
+    `generator` drives the random split proportions and new units of the growth (see
+    growth.operators). `train_cfg` gives the AdamW settings (`build_optimizer`) and gradient clip;
+    `sample_k` random candidates join the sandwich each step; `seed` seeds that sampling.
+    """
+
+    def __init__(
+        self,
+        base: GrowCLIP,
+        candidates: Sequence[Candidate],
+        generator: torch.Generator | None = None,
+        *,
+        train_cfg: TrainConfig | None = None,
+        sample_k: int = 2,
+        seed: int = 0,
+    ) -> None:
+        if not candidates:
+            raise ValueError("a supernet needs at least one candidate")
+        if sample_k < 0:
+            raise ValueError(f"sample_k must be >= 0, got {sample_k}")
+        self.base_arch = base.arch
+        for cand in candidates:
+            if make_candidate(base.arch, cand.ops) != cand:
+                raise ValueError(f"candidate {cand.name} does not grow the base architecture into its arch")
+        self.candidates = tuple(candidates)
+        self.reference = Candidate((), base.arch)  # the no-growth sub-network
+        self.ops = union_ops(self.candidates)
+        self.model = apply_ops(base, self.ops, generator)
+        self.arch = self.model.arch
+        self._factor = {t: _widen_factor(self.ops, t) for t in TOWER_NAMES}
+        self.initial_state: State = {k: p.detach().clone() for k, p in self.model.named_parameters()}
+        self.train_cfg = train_cfg or TrainConfig()
+        self.optimizer = build_optimizer(self.model, self.train_cfg)
+        self.loss_fn = ClipLoss()
+        self.sample_k = sample_k
+        self.steps = 0
+        self._rng = random.Random(seed)
+        self._skeletons: dict[ArchConfig, GrowCLIP] = {}
+        self.largest = max(self.candidates, key=lambda c: (c.flops, c.params))
+
+    # ------------------------------------------------------------------------- weight sharing
+
+    def _check(self, cand: Candidate) -> None:
+        if cand != self.reference and cand not in self.candidates:
+            raise ValueError(f"candidate {cand.name} is not a sub-network of this supernet")
+
+    def extract_state(self, cand: Candidate, state: State | None = None) -> State:
+        """The candidate's parameters as a differentiable function of the supernet's (or of `state`)."""
+        self._check(cand)
+        src: dict[str, torch.Tensor] = dict(self.model.named_parameters()) if state is None else state
+        factor = {t: _widen_factor(cand.ops, t) for t in TOWER_NAMES}
+        out: State = {}
+        for name, t in src.items():
+            m = _BLOCK_RE.match(name)
+            if m is not None:
+                tower: TowerName = m["tower"]  # type: ignore[assignment]  # the regex admits tower names only
+                if int(m["index"]) >= cand.arch.tower(tower).depth:
+                    continue  # a block above the candidate's depth
+                dims = _block_dims(tower, m["rest"])
+            elif name in _TOP_DIMS:
+                dims = _TOP_DIMS[name]
+            else:
+                raise RuntimeError(f"supernet extraction has no rule for parameter {name!r}")
+            for dim, kind, tw, parts in dims:
+                if kind == "hidden":
+                    t = t.narrow(dim, 0, cand.arch.tower(tw).mlp_hidden)
+                else:
+                    width = self.base_arch.tower(tw).width
+                    t = _fold(t, dim, parts, width, self._factor[tw], factor[tw], kind)
+            out[name] = t
+        return out
+
+    def _skeleton(self, arch: ArchConfig) -> GrowCLIP:
+        """A weightless (meta-device) GrowCLIP of shape `arch`, for `functional_call`."""
+        if arch not in self._skeletons:
+            self._skeletons[arch] = meta_model(arch)
+        return self._skeletons[arch]
+
+    def forward_candidate(self, cand: Candidate, images: torch.Tensor, tokens: torch.Tensor) -> ClipOutput:
+        """Run `cand` on the shared weights; gradients flow into the supernet's parameters."""
+        params = self.extract_state(cand)
+        out: ClipOutput = functional_call(self._skeleton(cand.arch), params, (images, tokens), strict=True)
+        return out
+
+    def extract(self, cand: Candidate, state: State | None = None) -> GrowCLIP:
+        """A standalone, detached GrowCLIP of `cand` holding its current shared weights."""
+        with torch.no_grad():
+            return model_from_state(cand.arch, self.extract_state(cand, state), self.model.training)
+
+    # ------------------------------------------------------------------------- training
+
+    def sandwich(self) -> list[Candidate]:
+        """This step's sub-networks: the no-growth base, the largest candidate, `sample_k` others."""
+        others = [c for c in self.candidates if c != self.largest]
+        return [self.reference, self.largest, *self._rng.sample(others, min(self.sample_k, len(others)))]
+
+    def train_step(self, batch: Batch, lr: float) -> float:
+        """One AdamW step on the sandwich's summed gradients (each loss scaled by 1/members); mean loss."""
+        device = self.initial_state["proj.weight"].device
+        images, tokens = batch.images.to(device), batch.tokens.to(device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        members = self.sandwich()
+        total = 0.0
+        for cand in members:
+            loss = self.loss_fn(self.forward_candidate(cand, images, tokens)) / len(members)
+            loss.backward()
+            total += float(loss.detach())
+        if self.train_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
+        self.optimizer.step()
+        self.steps += 1
+        return total
+
+    def train(
+        self,
+        batches: Iterable[Batch],
+        steps: int,
+        *,
+        lr: float | None = None,
+        warmup_steps: int | None = None,
+    ) -> dict[str, Any]:
+        """Up to `steps` sandwich steps over `batches` (stops early when they run out).
+
+        The learning rate warms up linearly over `warmup_steps` (default: a quarter of `steps`),
+        then stays at `lr` (default: the train config's): a fresh AdamW's first steps are the
+        largest. Returns JSON-safe timing and loss figures.
+        """
+        peak = self.train_cfg.lr if lr is None else lr
+        warm = max(1, steps // 4) if warmup_steps is None else max(1, warmup_steps)
+        losses: list[float] = []
+        samples = 0
+        start = time.perf_counter()
+        for i, batch in zip(range(steps), batches, strict=False):
+            losses.append(self.train_step(batch, peak * min(1.0, (i + 1) / warm)))
+            samples += len(batch)
+        seconds = time.perf_counter() - start
+        return {
+            "steps": len(losses),
+            "samples": samples,
+            "seconds": seconds,
+            "seconds_per_step": seconds / len(losses) if losses else 0.0,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "mean_loss": sum(losses) / len(losses) if losses else None,
+        }
