@@ -106,7 +106,11 @@ def test_deterministic_and_canonical() -> None:
     assert candidate_set(a, cfg(max_ops_per_step=3)) == first
     assert candidate_set(a, cfg(max_ops_per_step=3, space=tuple(shuffled))) == first
     assert [len(c.ops) for c in first] == sorted(len(c.ops) for c in first)
-    ops = [GrowthOp.parse("deepen:image+1"), GrowthOp.parse("widen_mlp:text+8"), GrowthOp.parse("widen:text*2")]
+    ops = [
+        GrowthOp.parse("deepen:image+1"),
+        GrowthOp.parse("widen_mlp:text+8"),
+        GrowthOp.parse("widen:text*2"),
+    ]
     c1, c2 = make_candidate(a, ops), make_candidate(a, reversed(ops))
     assert c1 == c2 and c1.name == "widen:text*2,widen_mlp:text+8,deepen:image+1"
     assert Candidate((), a).name == "base"

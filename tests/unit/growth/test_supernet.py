@@ -22,6 +22,7 @@ def one_thread() -> Iterator[None]:
     yield
     torch.set_num_threads(before)
 
+
 # every kind on every tower, including widening the shared encoder and two factors on the image tower
 SPACE = (
     "widen:image*2",
@@ -123,7 +124,7 @@ def test_every_candidate_preserves_the_function_at_construction(shared_depth: in
 
 
 def test_extraction_is_differentiable_and_shares_weights() -> None:
-    old, cands, sn = build()
+    old, _cands, sn = build()
     b = batch(old.arch)
     cand = make_candidate(old.arch, [GrowthOp.parse("deepen:image+1")])  # folds every widened tower
     loss = ClipLoss()(sn.forward_candidate(cand, b.images, b.tokens))
@@ -137,7 +138,7 @@ def test_extraction_is_differentiable_and_shares_weights() -> None:
 
 
 def test_extracted_models_are_detached_copies() -> None:
-    old, cands, sn = build()
+    _old, cands, sn = build()
     model = sn.extract(cands[0])
     with torch.no_grad():
         for p in model.parameters():
@@ -169,7 +170,7 @@ def test_training_moves_weights_and_keeps_extraction_consistent() -> None:
 
 
 def test_sandwich_and_train_stops_when_batches_run_out() -> None:
-    old, cands, sn = build(max_ops=1)
+    old, _cands, sn = build(max_ops=1)
     members = sn.sandwich()
     assert members[0] == sn.reference and members[1] == sn.largest and len(members) == 4
     assert len({m.name for m in members}) == 4
@@ -178,7 +179,7 @@ def test_sandwich_and_train_stops_when_batches_run_out() -> None:
 
 
 def test_rejects_foreign_candidates() -> None:
-    old, cands, sn = build(max_ops=1)
+    old, _cands, sn = build(max_ops=1)
     foreign = make_candidate(old.arch, [GrowthOp.parse("deepen:image+2")])
     with pytest.raises(ValueError, match="not a sub-network"):
         sn.extract_state(foreign)
