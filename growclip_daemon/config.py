@@ -59,6 +59,12 @@ class ProducerSettings(Strict):
     format: Literal["json", "binary"] = "json"
 
 
+class CheckpointSettings(Strict):
+    root: str = ".state/checkpoints"  # any fsspec URL; resumed from at start when it holds one
+    keep: int = Field(3, ge=1)  # newest checkpoints kept
+    every_s: float = Field(0, ge=0)  # also save this often while running; 0 = only on request and at stop
+
+
 def _default_arch() -> ArchConfig:
     return ArchConfig(
         image=TowerConfig(width=32, depth=1, mlp_hidden=64),
@@ -76,6 +82,7 @@ class DaemonConfig(Strict):
     kafka: KafkaSettings = KafkaSettings()
     serve: ServeSettings = ServeSettings()
     producer: ProducerSettings = ProducerSettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()
     pidfile: Path = Path(".state/growclip-daemon.pid")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"

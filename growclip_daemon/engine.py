@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from growclip_daemon.config import DaemonConfig
 from growclip_daemon.http import AppState, ControlRejected, HttpServer, ServeLimits, build_app
 from growclip_daemon.metrics import Metrics
 from growclip_daemon.service import Service, ServiceTree, ThreadService
+from growclip_stream.checkpoint import Checkpoint, Checkpointer, restore_optimizer
 from growclip_stream.data.datasets import iter_records
 from growclip_stream.data.images import ImageTransform
 from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, KafkaSourceConfig
@@ -142,6 +145,10 @@ class TrainingService(ThreadService):
         self.observer = MetricsObserver(metrics, source_label="kafka")
         self._last_lag_update = 0.0
         self._lag: dict[int, int] = {}
+        self.checkpointer = Checkpointer(cfg.checkpoint.root, keep=cfg.checkpoint.keep)
+        self._checkpoint_requests: queue.SimpleQueue[Future[str]] = queue.SimpleQueue()
+        self._last_save = time.monotonic()
+        self.last_checkpoint: str | None = None
 
     def _crashed(self, err: BaseException) -> None:
         self.runtime.crash = err
@@ -190,24 +197,86 @@ class TrainingService(ThreadService):
             max_caption_chars=cfg.data.max_caption_chars,
             max_image_pixels=cfg.data.max_image_pixels,
         )
-        tokenizer = ByteTokenizer(arch.context_length)
+        resumed = self.checkpointer.load() if self.checkpointer.latest() else None
+        model = resumed.model if resumed is not None else GrowCLIP(arch)
         self.loop = OnlineLoop(
             source=self.source,
             dead_letter=self.dead_letter,
             decoder=Decoder(ImageTransform(arch.image_size, arch.channels), limits),
-            tokenizer=tokenizer,
-            trainer=OnlineTrainer(GrowCLIP(arch), cfg.train),
+            tokenizer=ByteTokenizer(arch.context_length),
+            trainer=OnlineTrainer(model, cfg.train),
             growth=GrowthController(cfg.growth),
             cfg=cfg.loop,
             publish=self.publish,
             observer=self.observer,
         )
+        if resumed is not None:
+            self._resume(resumed)
         super().on_start()
+
+    def _resume(self, ckpt: Checkpoint) -> None:
+        """Continue where the checkpoint left off: counters, optimizer, growth history, source positions."""
+        assert self.loop is not None and self.source is not None
+        trainer = self.loop.trainer
+        trainer.resume(step=ckpt.step, samples=ckpt.samples)
+        restore_optimizer(trainer.model, trainer.optimizer, ckpt.optimizer_state)
+        self.loop.growth.load_state_dict(ckpt.manifest.get("growth", {}))
+        if self.cfg.kafka.embedded:
+            # The embedded broker keeps its log in memory: this is a new, empty topic, and the
+            # checkpoint's offsets point into one that is gone. The model resumes; the stream restarts.
+            log.warning("embedded in-memory broker: the checkpoint's source positions do not apply")
+        else:
+            self.source.load_state_dict(ckpt.manifest["source"])
+        self.loop.settled_source_state = self.source.state_dict()
+        self.last_checkpoint = ckpt.path
+        log.info(
+            "resumed from checkpoint",
+            extra={"path": ckpt.path, "step": ckpt.step, "generation": self.loop.growth.generation},
+        )
 
     def run(self, stop: threading.Event) -> None:
         if self.loop is None:
             raise RuntimeError("training service started without a loop")
-        self.loop.run(stop, self.paused, tick=self._update_lag)
+        self.loop.run(stop, self.paused, tick=self._tick)
+        self.save_checkpoint("shutdown")  # the loop has finished its step: everything consumed is settled
+
+    def _tick(self) -> None:
+        """Runs in the training thread between iterations: lag, and checkpoints (never mid-step)."""
+        self._update_lag()
+        every = self.cfg.checkpoint.every_s
+        if every and time.monotonic() - self._last_save >= every:
+            self.save_checkpoint("periodic")
+        while not self._checkpoint_requests.empty():
+            request = self._checkpoint_requests.get()
+            try:
+                request.set_result(self.save_checkpoint("admin"))
+            except Exception as err:
+                request.set_exception(err)
+
+    def save_checkpoint(self, reason: str) -> str:
+        """Save durably, then commit the saved source positions: offsets never run ahead of a checkpoint."""
+        assert self.loop is not None and self.source is not None
+        loop, start = self.loop, time.monotonic()
+        source_state = loop.settled_source_state
+        try:
+            path = self.checkpointer.save(
+                loop.trainer.model,
+                loop.trainer.optimizer,
+                step=loop.trainer.step,
+                samples=loop.trainer.samples,
+                growth=loop.growth.state_dict(),
+                source=source_state,
+            )
+        except Exception:
+            self.metrics.checkpoint_failures.inc()
+            raise
+        self._last_save = time.monotonic()
+        self.metrics.checkpoint_seconds.observe(self._last_save - start)
+        self.metrics.checkpoint_last_success.set_to_current_time()
+        self.source.commit(source_state)
+        self.last_checkpoint = path
+        log.info("checkpoint committed", extra={"reason": reason, "path": path, "positions": source_state})
+        return path
 
     def _update_lag(self) -> None:
         now = time.monotonic()
@@ -241,6 +310,7 @@ class TrainingService(ThreadService):
                 "loss_ema": self.observer.loss_ema,
                 "held_out_records": len(loop.holdout),
                 "holdout_loss": loop.last_eval_loss,
+                "last_checkpoint": self.last_checkpoint,
             },
             "source": {
                 "kind": "kafka",
@@ -257,7 +327,15 @@ class TrainingService(ThreadService):
         return {"accepted": True, "detail": "growth runs at the next training step"}
 
     def request_checkpoint(self) -> dict[str, Any]:
-        raise ControlRejected("durable checkpoints are not available in this version")
+        """Ask the training thread to save at its next iteration, and wait for the result."""
+        if self.loop is None or not self.alive:
+            raise ControlRejected("training is not running")
+        request: Future[str] = Future()
+        self._checkpoint_requests.put(request)
+        try:
+            return {"path": request.result(timeout=120)}
+        except TimeoutError:
+            raise ControlRejected("the training thread did not save within 120 s") from None
 
     def pause(self) -> dict[str, Any]:
         self.paused.set()

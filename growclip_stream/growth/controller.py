@@ -52,6 +52,10 @@ class GrowthEvent:
         d["candidates"] = [dict(c) for c in self.candidates]
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GrowthEvent:
+        return cls(**{**d, "ops": tuple(d["ops"]), "candidates": tuple(dict(c) for c in d["candidates"])})
+
 
 class GrowthPolicy(Protocol):
     def choose(self, model: GrowCLIP) -> GrowthChoice | None: ...
@@ -165,3 +169,9 @@ class GrowthController:
             "samples_at_last_growth": self.samples_at_last_growth,
             "policy": self.policy.state_dict(),
         }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore history and trigger state from a checkpoint (the model itself comes from its weights)."""
+        self.history = [GrowthEvent.from_dict(e) for e in state.get("history", [])]
+        self.samples_at_last_growth = int(state.get("samples_at_last_growth", 0))
+        self.policy.load_state_dict(state.get("policy", {}))

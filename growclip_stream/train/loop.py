@@ -97,6 +97,10 @@ class OnlineLoop:
         self.batcher = Batcher(trainer.cfg.batch_size, tokenizer)
         self.holdout = HoldoutBuffer(cfg.holdout_capacity, seed=trainer.cfg.seed)
         self.last_eval_loss: float | None = None
+        # Source positions up to which every record is settled (trained, held out or dead-lettered):
+        # what a checkpoint may record and what may be committed. Polls never ask for more than the
+        # batch lacks, so the batcher empties at every step and this advances with each step.
+        self.settled_source_state: dict[str, Any] = source.state_dict()
         self._grow_requested = threading.Event()
         self._wait_since = time.perf_counter()
 
@@ -133,17 +137,25 @@ class OnlineLoop:
             data_wait = time.perf_counter() - self._wait_since
             self._after_step(self.trainer.train_step(batch), data_wait)
             self._wait_since = time.perf_counter()
+        if self.batcher.pending() == 0:
+            self.settled_source_state = self.source.state_dict()
         if self._grow_requested.is_set():
             self._grow_requested.clear()
             self.grow_now("forced")
 
     def finish(self) -> None:
-        """Train what is pending (a smaller last batch) so every consumed record is trained on."""
+        """Train what is pending as a smaller last batch, so the consumed records are settled.
+
+        A single leftover record cannot make a contrastive step (it has no negatives): it stays
+        unsettled, so the next run reads it again instead of it being lost.
+        """
         pending = self.batcher.drain()
         if len(pending) >= 2:
             self._after_step(self.trainer.train_step(collate(pending, self.tokenizer)), 0.0)
-        elif pending:
-            log.info("last single record kept out of a contrastive step", extra={"id": pending[0].id})
+        if len(pending) != 1:
+            self.settled_source_state = self.source.state_dict()
+        else:
+            log.info("a single last record stays unsettled for the next run", extra={"id": pending[0].id})
         self.publish_now()
 
     def _ingest(self, messages: Sequence[RawMessage]) -> None:

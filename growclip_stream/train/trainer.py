@@ -96,6 +96,11 @@ class OnlineTrainer:
         self.model.train(was_training)
         return total / count if count else None
 
+    def resume(self, *, step: int, samples: int) -> None:
+        """Continue counting from a checkpoint (its optimizer state is restored by the caller)."""
+        self.step, self.samples = step, samples
+        self._warm_from = step - self._warm_len  # a resumed run is past its warmup
+
     def swap_model(self, model: GrowCLIP) -> None:
         """Install a grown model.
 
