@@ -69,7 +69,7 @@ class MetricsObserver:
     def on_step(self, stats: StepStats, data_wait_s: float) -> None:
         m = self.metrics
         m.train_steps.inc()
-        m.train_samples.inc(stats.batch_size)
+        m.train_samples.inc(stats.fresh)
         m.train_loss.set(stats.loss)
         m.train_step_seconds.observe(stats.seconds)
         m.train_data_wait.inc(data_wait_s)
@@ -85,6 +85,9 @@ class MetricsObserver:
 
     def on_eval(self, loss: float) -> None:
         self.metrics.eval_loss.set(loss)
+
+    def on_phase(self, phase: str) -> None:
+        self.metrics.growth_phase.state(phase)
 
 
 class BrokerService(Service):
@@ -205,7 +208,7 @@ class TrainingService(ThreadService):
             decoder=Decoder(ImageTransform(arch.image_size, arch.channels), limits),
             tokenizer=ByteTokenizer(arch.context_length),
             trainer=OnlineTrainer(model, cfg.train),
-            growth=GrowthController(cfg.growth),
+            growth=GrowthController(cfg.growth, cfg.train, on_phase=self.observer.on_phase),
             cfg=cfg.loop,
             publish=self.publish,
             observer=self.observer,
@@ -310,6 +313,8 @@ class TrainingService(ThreadService):
                 "loss_ema": self.observer.loss_ema,
                 "held_out_records": len(loop.holdout),
                 "holdout_loss": loop.last_eval_loss,
+                "replay_samples": len(loop.replay),
+                "growth_search_running": loop.searching,
                 "last_checkpoint": self.last_checkpoint,
             },
             "source": {

@@ -6,7 +6,6 @@ letter (with its reason). Nothing is dropped silently.
 
 from __future__ import annotations
 
-import random
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -57,31 +56,10 @@ def collate(samples: Sequence[Sample], tokenizer: ByteTokenizer) -> Batch:
     )
 
 
-class HoldoutBuffer:
-    """A bounded reservoir sample of the held-out records: a fixed-size, unbiased view of the whole stream."""
-
-    def __init__(self, capacity: int, seed: int = 0) -> None:
-        self.capacity = capacity
-        self.samples: list[Sample] = []
-        self.seen = 0
-        self._rng = random.Random(seed)
-
-    def add(self, sample: Sample) -> None:
-        self.seen += 1
-        if len(self.samples) < self.capacity:
-            self.samples.append(sample)
-            return
-        j = self._rng.randrange(self.seen)
-        if j < self.capacity:
-            self.samples[j] = sample
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def batches(self, batch_size: int, tokenizer: ByteTokenizer) -> Iterator[Batch]:
-        """Full batches only, so that the contrastive loss is comparable across evaluations."""
-        for i in range(0, len(self.samples) - batch_size + 1, batch_size):
-            yield collate(self.samples[i : i + batch_size], tokenizer)
+def full_batches(samples: Sequence[Sample], batch_size: int, tokenizer: ByteTokenizer) -> Iterator[Batch]:
+    """Full batches only, so that contrastive losses are comparable across evaluations."""
+    for i in range(0, len(samples) - batch_size + 1, batch_size):
+        yield collate(samples[i : i + batch_size], tokenizer)
 
 
 class Batcher:
@@ -104,10 +82,11 @@ class Batcher:
         self._pending.clear()
         return out
 
-    def next_batch(self) -> Batch | None:
+    def take(self) -> list[Sample] | None:
+        """The next full batch of samples in arrival order, or None while fewer are pending."""
         if len(self._pending) < self.batch_size:
             return None
-        return collate([self._pending.popleft() for _ in range(self.batch_size)], self.tokenizer)
+        return [self._pending.popleft() for _ in range(self.batch_size)]
 
 
 def route(decoder: Decoder, msg: RawMessage, holdout_fraction: float) -> tuple[str, Sample | RecordError]:

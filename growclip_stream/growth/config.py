@@ -35,6 +35,12 @@ PIM_MODES = ("blend", "ema")
 @dataclass(frozen=True)
 class GrowthConfig:
     enabled: bool = True
+    # "search": supernet over the growth space, candidates scored on held-out data, PIM (the
+    # default); "plan": the next operator of `plan` within the bounds, plain inheritance.
+    policy: Literal["search", "plan"] = "search"
+    # Keep training the served model while the supernet trains (in another thread), instead of
+    # pausing it for the search; either way serving never pauses.
+    train_during_search: bool = False
     # Data-volume trigger: grow once the samples trained since the last growth reach
     # samples_per_param x the model's parameter count (bigger models must see more data first).
     samples_per_param: float = 0.5
@@ -61,12 +67,10 @@ class GrowthConfig:
     momentum: float = 0.5  # m above, in [0, 1]; 1 = plain function-preserving inheritance
     ema_decay: float = 0.99  # per-step decay of the weight EMA used by pim_mode "ema", in [0, 1)
     # --- loss-plateau trigger (growth.plateau)
+    plateau_enabled: bool = True  # the loss-plateau trigger (the data-volume trigger is always on)
     plateau_patience: int = 200  # steps in the slope window; also the minimum steps since the last growth
     plateau_threshold: float = 1e-4  # fires when the smoothed loss falls slower than this per step
     plateau_smoothing: float = 0.9  # EMA decay applied to the training loss before the slope fit, in [0, 1)
-    # --- replay (data.replay)
-    replay_capacity: int = 10_000  # samples kept in the replay reservoir
-    replay_fraction: float = 0.25  # share of each training batch replaced by replayed samples, in [0, 1)
 
     __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012 - read by the daemon's config validation
 
@@ -110,10 +114,6 @@ class GrowthConfig:
             raise ValueError(f"plateau_threshold must be >= 0, got {self.plateau_threshold!r}")
         if not 0.0 <= self.plateau_smoothing < 1.0:
             raise ValueError(f"plateau_smoothing must be in [0, 1), got {self.plateau_smoothing!r}")
-        if not _is_int(self.replay_capacity) or self.replay_capacity < 0:
-            raise ValueError(f"replay_capacity must be an int >= 0, got {self.replay_capacity!r}")
-        if not 0.0 <= self.replay_fraction < 1.0:
-            raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
 
 
 def _is_int(value: object) -> bool:

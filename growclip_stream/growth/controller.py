@@ -1,21 +1,39 @@
-"""The growth controller: decides when to grow (triggers) and how (a policy), applies it, keeps history.
+"""The growth controller: when to grow (triggers), how (a search or a plan), and the history.
 
-The policy is the seam for architecture selection: `ScheduledPolicy` walks a configured plan of
-operators; a supernet-based policy can replace it behind the same `GrowthPolicy` protocol.
+One growth is three phases, each timed and recorded:
+1. **search** (`search`): with policy "search", build the weight-sharing supernet over the growth
+   space, train it briefly on recent + replayed data (sandwich rule), and score every candidate on
+   the held-out batches (`growth.selection`); with policy "plan", take the next operator of a fixed
+   plan that fits the bounds. Search never touches the training model, so it may run in another
+   thread while the trainer goes on.
+2. **inherit** (`inherit`): parameter inheriting with momentum (`growth.pim`) from the model as it
+   is *now* (which, when training continued during the search, is newer than the supernet's base).
+3. **record** (`record`): the event with every candidate's score and why the winner won.
+The trainer swaps the model in between (rebuilding its optimizer, carrying state, re-warming).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.growth.operators import GrowthOp, apply_ops, grow_arch
+from growclip_stream.growth.pim import WeightEMA, carry_optimizer_state, ema_inherit
+from growclip_stream.growth.plateau import LossSmoother, PlateauState, PlateauTrigger
+from growclip_stream.growth.selection import score_candidates, select
+from growclip_stream.growth.space import Candidate, candidate_set, canonical_ops, rejected_candidates
+from growclip_stream.growth.supernet import Supernet, model_from_state
 from growclip_stream.growth.triggers import DataVolumeTrigger, TriggerState
 from growclip_stream.model import ArchConfig, GrowCLIP
+from growclip_stream.train.config import TrainConfig
+from growclip_stream.train.trainer import Batch
+
+PHASES = ("idle", "selecting", "training_supernet", "inheriting", "done")
 
 
 @dataclass(frozen=True)
@@ -25,6 +43,19 @@ class GrowthChoice:
     ops: tuple[GrowthOp, ...]
     reason: str
     candidates: tuple[dict[str, Any], ...] = ()  # every candidate considered, with its score or why skipped
+
+
+@dataclass
+class GrowthPlan:
+    """The outcome of the search phase: what to grow into, and the supernet to inherit from."""
+
+    trigger: str
+    choice: GrowthChoice
+    base_arch: ArchConfig
+    supernet: Supernet | None = None
+    candidate: Candidate | None = None
+    phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    supernet_stats: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -45,6 +76,10 @@ class GrowthEvent:
     arch_after: dict[str, Any]
     duration_s: float
     finished_at: float
+    policy: str = "plan"
+    pim: dict[str, Any] = field(default_factory=dict)  # mode, momentum, optimizer-state carry counts
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    supernet: dict[str, Any] = field(default_factory=dict)  # supernet size and training figures
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -55,12 +90,6 @@ class GrowthEvent:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GrowthEvent:
         return cls(**{**d, "ops": tuple(d["ops"]), "candidates": tuple(dict(c) for c in d["candidates"])})
-
-
-class GrowthPolicy(Protocol):
-    def choose(self, model: GrowCLIP) -> GrowthChoice | None: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class ScheduledPolicy:
@@ -107,16 +136,30 @@ class ScheduledPolicy:
         self.cursor = int(state.get("cursor", 0)) % len(self.plan)
 
 
-class GrowthController:
-    """Owns the growth decisions and their history; the trainer swaps in the model it returns."""
+class PhaseListener(Protocol):
+    def __call__(self, phase: str) -> None: ...
 
-    def __init__(self, cfg: GrowthConfig, policy: GrowthPolicy | None = None) -> None:
+
+class GrowthController:
+    """Owns the growth decisions, the state they depend on (loss trend, weight EMA) and the history."""
+
+    def __init__(
+        self, cfg: GrowthConfig, train_cfg: TrainConfig | None = None, on_phase: PhaseListener | None = None
+    ):
         self.cfg = cfg
-        self.trigger = DataVolumeTrigger(cfg.samples_per_param, cfg.min_interval_samples)
-        self.policy: GrowthPolicy = policy or ScheduledPolicy(cfg)
+        self.train_cfg = train_cfg or TrainConfig()
+        self.volume = DataVolumeTrigger(cfg.samples_per_param, cfg.min_interval_samples)
+        self.plateau = (
+            PlateauTrigger(cfg.plateau_patience, cfg.plateau_threshold) if cfg.plateau_enabled else None
+        )
+        self.smoother = LossSmoother(cfg.plateau_smoothing, window=cfg.plateau_patience)
+        self.plan_policy = ScheduledPolicy(cfg)
+        self.ema: WeightEMA | None = None
         self.history: list[GrowthEvent] = []
         self.samples_at_last_growth = 0
+        self.step_at_last_growth = 0
         self._generator = torch.Generator().manual_seed(cfg.seed)
+        self._on_phase = on_phase or (lambda phase: None)
 
     @property
     def generation(self) -> int:
@@ -125,53 +168,180 @@ class GrowthController:
     def capped(self) -> bool:
         return self.cfg.max_growths > 0 and self.generation >= self.cfg.max_growths
 
-    def due(self, samples_trained: int, num_params: int) -> str | None:
+    # -- every step --------------------------------------------------------------------------
+    def observe_step(self, model: GrowCLIP, loss: float) -> None:
+        """Feed the loss trend (plateau trigger) and the weight EMA (PIM mode "ema")."""
+        self.smoother.update(loss)
+        if self.cfg.pim_mode == "ema":
+            if self.ema is None or self.ema.arch != model.arch:
+                self.ema = WeightEMA(model, self.cfg.ema_decay)
+            else:
+                self.ema.update(model)
+
+    def due(self, *, samples: int, step: int, num_params: int) -> str | None:
         """Name of the trigger that fires now, or None."""
         if not self.cfg.enabled or self.capped():
             return None
-        state = TriggerState(samples_trained - self.samples_at_last_growth, num_params)
-        return self.trigger.name if self.trigger.fires(state) else None
+        if self.volume.fires(TriggerState(samples - self.samples_at_last_growth, num_params)):
+            return self.volume.name
+        if self.plateau is not None and self.plateau.fires(
+            PlateauState(tuple(self.smoother.values), step - self.step_at_last_growth)
+        ):
+            return self.plateau.name
+        return None
 
-    def grow(
-        self, model: GrowCLIP, *, trigger: str, step: int, samples: int
-    ) -> tuple[GrowCLIP, GrowthEvent] | None:
-        """Grow ``model`` (left untouched) and record the event; None when no candidate fits the bounds."""
-        start = time.monotonic()
-        choice = self.policy.choose(model)
-        self.samples_at_last_growth = (
-            samples  # also on a refusal, so a capped model does not retry every step
-        )
-        if choice is None:
+    def defer(self, *, samples: int, step: int) -> None:
+        """Count a refused growth (nothing fits, no held-out data) as done: no retry at every step."""
+        self.samples_at_last_growth = samples
+        self.step_at_last_growth = step
+
+    # -- phase 1: search ---------------------------------------------------------------------
+    def search(
+        self,
+        model: GrowCLIP,
+        *,
+        trigger: str,
+        train_batches: Iterator[Batch],
+        holdout_batches: Sequence[Batch],
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> GrowthPlan | None:
+        """Choose what to grow into; `model` is only read. None when nothing fits the bounds."""
+        if self.cfg.policy == "plan":
+            self._on_phase("selecting")
+            choice = self.plan_policy.choose(model)
+            if choice is None:
+                return None
+            return GrowthPlan(trigger=trigger, choice=choice, base_arch=model.arch)
+        if not holdout_batches:
+            return None  # scoring needs held-out data
+        candidates = candidate_set(model.arch, self.cfg)
+        if not candidates:
             return None
-        grown = apply_ops(model, choice.ops, generator=self._generator)
+        phases: dict[str, float] = {}
+        self._on_phase("training_supernet")
+        start = time.perf_counter()
+        supernet = Supernet(
+            model, candidates, self._generator, train_cfg=self.train_cfg, sample_k=self.cfg.supernet_sample_k,
+            seed=self.cfg.seed + self.generation,
+        )  # fmt: skip
+        if optimizer is not None:
+            carry_optimizer_state(model, optimizer, supernet.model, supernet.optimizer, supernet.ops)
+        stats = supernet.train(train_batches, self.cfg.supernet_steps)
+        phases["supernet_s"] = time.perf_counter() - start
+        self._on_phase("selecting")
+        start = time.perf_counter()
+        scores = score_candidates(supernet, candidates, holdout_batches, rule=self.cfg.selection_rule)
+        best = select(scores)
+        phases["selection_s"] = time.perf_counter() - start
+        considered = [s.to_dict() for s in scores] + rejected_candidates(model.arch, self.cfg)
+        stats = {**stats, "params": supernet.arch.num_params(), "ops": [str(o) for o in supernet.ops]}
+        return GrowthPlan(
+            trigger=trigger,
+            choice=GrowthChoice(ops=best.ops, reason=best.reason, candidates=tuple(considered)),
+            base_arch=model.arch,
+            supernet=supernet,
+            candidate=best.candidate,
+            phases=phases,
+            supernet_stats=stats,
+        )
+
+    # -- phase 2: inherit --------------------------------------------------------------------
+    def inherit(self, plan: GrowthPlan, model: GrowCLIP) -> GrowCLIP:
+        """PIM from `model` as it is now (its architecture must still be the plan's base)."""
+        if model.arch != plan.base_arch:
+            raise ValueError("the model changed shape since the search; search again")
+        self._on_phase("inheriting")
+        start = time.perf_counter()
+        ops = canonical_ops(plan.choice.ops)
+        m = self.cfg.momentum
+        if plan.supernet is None or plan.candidate is None:
+            grown = apply_ops(model, ops, self._generator)  # plain function-preserving inheritance
+        elif self.cfg.pim_mode == "ema" and self.ema is not None and self.ema.arch == model.arch:
+            grown = ema_inherit(model, self.ema, ops, m, self._generator)
+        else:
+            # blend: m * (function-preserving growth of the current weights) + (1 - m) * supernet's
+            inherited = apply_ops(model, ops, self._generator)
+            with torch.no_grad():
+                trained = plan.supernet.extract_state(plan.candidate)
+                state = {k: m * p.detach() + (1 - m) * trained[k] for k, p in inherited.state_dict().items()}
+            grown = model_from_state(inherited.arch, state, model.training) if m < 1 else inherited
+        plan.phases["inherit_s"] = time.perf_counter() - start
+        return grown
+
+    # -- phase 3: record ---------------------------------------------------------------------
+    def record(
+        self, plan: GrowthPlan, grown: GrowCLIP, *, step: int, samples: int, duration_s: float,
+        optimizer_carry: dict[str, int] | None = None,
+    ) -> GrowthEvent:  # fmt: skip
         event = GrowthEvent(
             generation=self.generation + 1,
             step=step,
             samples=samples,
-            trigger=trigger,
-            ops=tuple(str(op) for op in choice.ops),
-            reason=choice.reason,
-            candidates=choice.candidates,
-            params_before=model.arch.num_params(),
+            trigger=plan.trigger,
+            ops=tuple(str(op) for op in canonical_ops(plan.choice.ops)),
+            reason=plan.choice.reason,
+            candidates=plan.choice.candidates,
+            params_before=plan.base_arch.num_params(),
             params_after=grown.arch.num_params(),
-            flops_before=model.arch.flops_per_sample(),
+            flops_before=plan.base_arch.flops_per_sample(),
             flops_after=grown.arch.flops_per_sample(),
             arch_after=grown.arch.to_dict(),
-            duration_s=time.monotonic() - start,
+            duration_s=duration_s,
             finished_at=time.time(),
+            policy=self.cfg.policy,
+            pim={
+                "mode": self.cfg.pim_mode,
+                "momentum": self.cfg.momentum,
+                "optimizer": optimizer_carry or {},
+            },
+            phases=dict(plan.phases),
+            supernet=dict(plan.supernet_stats),
         )
         self.history.append(event)
-        return grown, event
+        self.defer(samples=samples, step=step)
+        self.ema = None  # restarts from the grown weights at the next step
+        self._on_phase("done")
+        return event
 
+    def grow(
+        self,
+        model: GrowCLIP,
+        *,
+        trigger: str,
+        step: int,
+        samples: int,
+        train_batches: Iterator[Batch] | None = None,
+        holdout_batches: Sequence[Batch] = (),
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> tuple[GrowCLIP, GrowthEvent] | None:
+        """All three phases in one call (the optimizer swap is the caller's); None when nothing fits."""
+        start = time.perf_counter()
+        plan = self.search(
+            model, trigger=trigger, train_batches=train_batches or iter(()), holdout_batches=holdout_batches,
+            optimizer=optimizer,
+        )  # fmt: skip
+        if plan is None:
+            self.defer(samples=samples, step=step)
+            return None
+        grown = self.inherit(plan, model)
+        return grown, self.record(
+            plan, grown, step=step, samples=samples, duration_s=time.perf_counter() - start
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": [e.to_dict() for e in self.history],
             "samples_at_last_growth": self.samples_at_last_growth,
-            "policy": self.policy.state_dict(),
+            "step_at_last_growth": self.step_at_last_growth,
+            "policy": self.plan_policy.state_dict(),
+            "smoother": self.smoother.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore history and trigger state from a checkpoint (the model itself comes from its weights)."""
         self.history = [GrowthEvent.from_dict(e) for e in state.get("history", [])]
         self.samples_at_last_growth = int(state.get("samples_at_last_growth", 0))
-        self.policy.load_state_dict(state.get("policy", {}))
+        self.step_at_last_growth = int(state.get("step_at_last_growth", 0))
+        self.plan_policy.load_state_dict(state.get("policy", {}))
+        self.smoother.load_state_dict(state.get("smoother", {}))

@@ -4,7 +4,7 @@ Each candidate runs on the supernet's shared weights (`Supernet.forward_candidat
 batches and gets two measurements:
 
 - `val_loss`: the symmetric contrastive loss, averaged over samples (batches of equal size keep it
-  comparable across evaluations; `HoldoutBuffer.batches` yields full batches only);
+  comparable across evaluations; the loop scores on full held-out batches only);
 - `zero_shot_top1`: a zero-shot retrieval proxy, image->text top-1 within each batch (the fraction of
   images whose own caption scores highest among the batch's captions).
 

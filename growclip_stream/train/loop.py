@@ -2,24 +2,33 @@
 
 It is the only place that mutates the training model. Serving sees the model only through what
 `publish` is handed: the engine there copies it into an immutable snapshot.
+
+Each training batch is `batch_size - k` fresh records from the stream plus `k` replayed ones
+(k = round(replay_fraction x batch_size), once the replay reservoir has them): every fresh record is
+trained on exactly once, and past data keeps coming back against forgetting.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import random
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from growclip_stream.data.pipeline import Batcher, Decoder, HoldoutBuffer, RawMessage, collate, route
+from growclip_stream.data.pipeline import Batcher, Decoder, RawMessage, Sample, collate, full_batches, route
 from growclip_stream.data.records import RecordError
-from growclip_stream.growth.controller import GrowthController, GrowthEvent
+from growclip_stream.data.reservoir import Reservoir
+from growclip_stream.growth.controller import GrowthController, GrowthEvent, GrowthPlan
+from growclip_stream.growth.pim import carry_optimizer_state
 from growclip_stream.model import GrowCLIP
 from growclip_stream.model.tokenizer import ByteTokenizer
-from growclip_stream.train.trainer import OnlineTrainer, StepStats
+from growclip_stream.train.trainer import Batch, OnlineTrainer, StepStats
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +37,13 @@ log = logging.getLogger(__name__)
 class LoopConfig:
     holdout_fraction: float = 0.02  # fraction of records (by id hash) never trained on
     holdout_capacity: int = 512  # records kept in the held-out reservoir
+    eval_batch_size: int = 64  # held-out batches (evaluation and growth selection) have this size
     publish_every_steps: int = 20  # refresh the served snapshot this often (and after every growth)
     eval_every_steps: int = 100  # held-out loss this often
     poll_timeout_s: float = 0.5
+    replay_capacity: int = 10_000  # samples kept in the replay reservoir; 0 disables replay
+    replay_fraction: float = 0.25  # share of each training batch that is replayed, in [0, 1)
+    recent_capacity: int = 4096  # latest training samples kept for supernet training (with replay)
 
     __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012 - read by the daemon's config validation
 
@@ -39,6 +52,14 @@ class LoopConfig:
             raise ValueError("holdout_fraction must be within [0, 1)")
         if self.publish_every_steps < 1 or self.eval_every_steps < 1:
             raise ValueError("publish_every_steps and eval_every_steps must be >= 1")
+        if self.eval_batch_size < 2:
+            raise ValueError("eval_batch_size must be >= 2")
+        if self.replay_capacity < 0:
+            raise ValueError("replay_capacity must be >= 0")
+        if not 0 <= self.replay_fraction < 1:
+            raise ValueError("replay_fraction must be within [0, 1)")
+        if self.recent_capacity < 2:
+            raise ValueError("recent_capacity must be >= 2")
 
 
 class Source(Protocol):
@@ -94,20 +115,31 @@ class OnlineLoop:
         self.cfg = cfg
         self.publish = publish
         self.observer = observer
-        self.batcher = Batcher(trainer.cfg.batch_size, tokenizer)
-        self.holdout = HoldoutBuffer(cfg.holdout_capacity, seed=trainer.cfg.seed)
+        batch_size = trainer.cfg.batch_size
+        self.replay_per_batch = round(cfg.replay_fraction * batch_size) if cfg.replay_capacity else 0
+        self.batcher = Batcher(batch_size - self.replay_per_batch, tokenizer)
+        self.replay = Reservoir(cfg.replay_capacity, seed=trainer.cfg.seed)
+        self.recent: deque[Sample] = deque(maxlen=cfg.recent_capacity)
+        self.holdout = Reservoir(cfg.holdout_capacity, seed=trainer.cfg.seed + 1)
         self.last_eval_loss: float | None = None
         # Source positions up to which every record is settled (trained, held out or dead-lettered):
         # what a checkpoint may record and what may be committed. Polls never ask for more than the
         # batch lacks, so the batcher empties at every step and this advances with each step.
         self.settled_source_state: dict[str, Any] = source.state_dict()
+        self._rng = random.Random(trainer.cfg.seed)
         self._grow_requested = threading.Event()
+        self._search: Future[GrowthPlan | None] | None = None  # a search running beside training
+        self._search_started = 0.0
         self._wait_since = time.perf_counter()
 
     # -- control, callable from any thread -------------------------------------------------
     def request_grow(self) -> None:
         """Force a growth step at the next loop iteration (admin API)."""
         self._grow_requested.set()
+
+    @property
+    def searching(self) -> bool:
+        return self._search is not None
 
     # -- the loop thread -------------------------------------------------------------------
     def run(
@@ -129,13 +161,15 @@ class OnlineLoop:
 
     def run_once(self) -> None:
         """Poll once, route what arrived, train every full batch, grow when due."""
+        if self._search is not None and self._search.done():
+            self._finish_search()
         want = max(1, self.batcher.batch_size - self.batcher.pending())
         messages = self.source.poll(self.cfg.poll_timeout_s, max_records=want)
         if messages:
             self._ingest(messages)
-        while (batch := self.batcher.next_batch()) is not None:
+        while (fresh := self.batcher.take()) is not None:
             data_wait = time.perf_counter() - self._wait_since
-            self._after_step(self.trainer.train_step(batch), data_wait)
+            self._train(fresh, data_wait)
             self._wait_since = time.perf_counter()
         if self.batcher.pending() == 0:
             self.settled_source_state = self.source.state_dict()
@@ -147,15 +181,19 @@ class OnlineLoop:
         """Train what is pending as a smaller last batch, so the consumed records are settled.
 
         A single leftover record cannot make a contrastive step (it has no negatives): it stays
-        unsettled, so the next run reads it again instead of it being lost.
+        unsettled, so the next run reads it again instead of it being lost. A search still running
+        beside training is abandoned (the next run's triggers will start another).
         """
         pending = self.batcher.drain()
         if len(pending) >= 2:
-            self._after_step(self.trainer.train_step(collate(pending, self.tokenizer)), 0.0)
+            self._train(pending, 0.0, replay=False)
         if len(pending) != 1:
             self.settled_source_state = self.source.state_dict()
         else:
             log.info("a single last record stays unsettled for the next run", extra={"id": pending[0].id})
+        if self._search is not None:
+            self._search.cancel()
+            self._search = None
         self.publish_now()
 
     def _ingest(self, messages: Sequence[RawMessage]) -> None:
@@ -171,43 +209,112 @@ class OnlineLoop:
                 self.batcher.add(result)
         self.observer.on_records(dict(counts))
 
-    def _after_step(self, stats: StepStats, data_wait_s: float) -> None:
+    def _train(self, fresh: list[Sample], data_wait_s: float, replay: bool = True) -> None:
+        replayed = self.replay.sample(self.replay_per_batch, {s.id for s in fresh}) if replay else []
+        batch = collate(fresh + replayed, self.tokenizer)
+        stats = self.trainer.train_step(Batch(batch.images, batch.tokens, batch.ids, replayed=len(replayed)))
+        for sample in fresh:
+            self.replay.add(sample)
+            self.recent.append(sample)
+        self.growth.observe_step(self.trainer.model, stats.loss)
         self.observer.on_step(stats, data_wait_s)
-        step = stats.step
-        if step % self.cfg.eval_every_steps == 0:
+        if stats.step % self.cfg.eval_every_steps == 0:
             self.evaluate()
-        trigger = self.growth.due(self.trainer.samples, self.trainer.model.arch.num_params())
+        trigger = None
+        if self._search is None:
+            trigger = self.growth.due(
+                samples=self.trainer.samples,
+                step=self.trainer.step,
+                num_params=self.trainer.model.arch.num_params(),
+            )
         if trigger is not None:
             self.grow_now(trigger)
-        elif step % self.cfg.publish_every_steps == 0:
+        elif stats.step % self.cfg.publish_every_steps == 0:
             self.publish_now()
 
+    def holdout_batches(self) -> list[Batch]:
+        return list(full_batches(self.holdout.samples, self.cfg.eval_batch_size, self.tokenizer))
+
     def evaluate(self) -> float | None:
-        loss = self.trainer.eval_loss(self.holdout.batches(self.trainer.cfg.batch_size, self.tokenizer))
+        loss = self.trainer.eval_loss(self.holdout_batches())
         if loss is not None:
             self.last_eval_loss = loss
             self.observer.on_eval(loss)
         return loss
 
+    def _supernet_batches(self) -> Iterator[Batch]:
+        """Endless batches drawn from a snapshot of recent and replayed samples."""
+        pool = list(self.recent) + self.replay.sample(len(self.recent))
+        rng = random.Random(self._rng.random())
+        size = min(self.trainer.cfg.batch_size, len(pool))
+        while size >= 2:
+            yield collate(rng.sample(pool, size), self.tokenizer)
+
+    # -- growth ------------------------------------------------------------------------------
     def grow_now(self, trigger: str) -> GrowthEvent | None:
-        grown = self.growth.grow(
-            self.trainer.model, trigger=trigger, step=self.trainer.step, samples=self.trainer.samples
-        )
-        if grown is None:
-            log.info("growth due but no candidate fits the bounds", extra={"trigger": trigger})
+        """Grow now (or start a search beside training when so configured); the event when grown here."""
+        if self._search is not None:
+            log.info("growth already in progress", extra={"trigger": trigger})
             return None
-        model, event = grown
-        self.trainer.swap_model(model)
+        holdout = self.holdout_batches()
+        start = time.perf_counter()
+        if self.growth.cfg.train_during_search:
+            model = copy.deepcopy(self.trainer.model)  # the search reads its own copy
+            batches = self._supernet_batches()
+            self._search_started = start
+            self._search = Future()
+            future = self._search
+
+            def search() -> None:
+                try:
+                    future.set_result(
+                        self.growth.search(
+                            model, trigger=trigger, train_batches=batches, holdout_batches=holdout
+                        )
+                    )
+                except BaseException as err:  # reported in the loop thread
+                    future.set_exception(err)
+
+            threading.Thread(target=search, name="growth-search", daemon=True).start()
+            log.info("growth search started beside training", extra={"trigger": trigger})
+            return None
+        plan = self.growth.search(
+            self.trainer.model,
+            trigger=trigger,
+            train_batches=self._supernet_batches(),
+            holdout_batches=holdout,
+            optimizer=self.trainer.optimizer,
+        )
+        return self._apply(plan, trigger, start)
+
+    def _finish_search(self) -> None:
+        future, self._search = self._search, None
+        assert future is not None
+        self._apply(future.result(), "search", self._search_started)
+
+    def _apply(self, plan: GrowthPlan | None, trigger: str, start: float) -> GrowthEvent | None:
+        if plan is None:
+            self.growth.defer(samples=self.trainer.samples, step=self.trainer.step)
+            log.info("growth due but no candidate (or no held-out data yet)", extra={"trigger": trigger})
+            return None
+        old_model, old_optimizer = self.trainer.model, self.trainer.optimizer
+        grown = self.growth.inherit(plan, old_model)
+        self.trainer.swap_model(grown)
+        carried = carry_optimizer_state(
+            old_model, old_optimizer, grown, self.trainer.optimizer, plan.choice.ops
+        )
+        event = self.growth.record(
+            plan, grown, step=self.trainer.step, samples=self.trainer.samples,
+            duration_s=time.perf_counter() - start, optimizer_carry=carried,
+        )  # fmt: skip
         log.info(
             "grew model",
             extra={
-                "generation": event.generation,
-                "ops": list(event.ops),
-                "trigger": trigger,
-                "params": event.params_after,
-                "step": event.step,
+                "generation": event.generation, "ops": list(event.ops), "trigger": event.trigger,
+                "params": event.params_after, "step": event.step, "reason": event.reason,
+                "seconds": round(event.duration_s, 3),
             },
-        )
+        )  # fmt: skip
         self.observer.on_growth(event)
         self.publish_now()
         return event

@@ -21,6 +21,7 @@ class Batch:
     images: torch.Tensor  # (B, C, H, W) float32
     tokens: torch.Tensor  # (B, T) int64
     ids: tuple[str, ...]
+    replayed: int = 0  # how many of the samples (at the end) are replayed, not fresh from the stream
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -33,6 +34,7 @@ class StepStats:
     lr: float
     seconds: float
     batch_size: int
+    fresh: int  # samples new from the stream (the batch minus replayed ones)
 
 
 def build_optimizer(model: GrowCLIP, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -80,8 +82,9 @@ class OnlineTrainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.step += 1
-        self.samples += len(batch)
-        return StepStats(self.step, float(loss.detach()), lr, time.perf_counter() - start, len(batch))
+        fresh = len(batch) - batch.replayed
+        self.samples += fresh
+        return StepStats(self.step, float(loss.detach()), lr, time.perf_counter() - start, len(batch), fresh)
 
     @torch.no_grad()
     def eval_loss(self, batches: Iterable[Batch]) -> float | None:

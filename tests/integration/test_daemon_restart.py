@@ -41,6 +41,8 @@ def run_daemon(tmp: Path, broker: str, topic: str, port: int, *extra: str) -> su
         "--set", "train.batch_size=64",
         "--set", "growth.min_interval_samples=1200",
         "--set", "growth.samples_per_param=0",
+        "--set", "growth.supernet_steps=5",
+        "--set", "loop.eval_batch_size=16",
         *extra,
     ]  # fmt: skip
     log = (tmp / "daemon.log").open("a")

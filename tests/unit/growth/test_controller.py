@@ -5,6 +5,8 @@ from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.growth.controller import GrowthController, ScheduledPolicy
 from growclip_stream.growth.triggers import DataVolumeTrigger, TriggerState
 from growclip_stream.model import ArchConfig, GrowCLIP, TowerConfig
+from growclip_stream.train.config import TrainConfig
+from growclip_stream.train.trainer import Batch
 
 
 def small_arch() -> ArchConfig:
@@ -24,12 +26,15 @@ def test_data_volume_trigger_scales_with_model_size() -> None:
 
 def test_controller_grows_on_schedule_and_records_history() -> None:
     cfg = GrowthConfig(
-        samples_per_param=0.0, min_interval_samples=1000, plan=("deepen:image+1", "deepen:text+1")
+        policy="plan",
+        samples_per_param=0.0,
+        min_interval_samples=1000,
+        plan=("deepen:image+1", "deepen:text+1"),
     )
     ctrl = GrowthController(cfg)
     model = GrowCLIP(small_arch())
-    assert ctrl.due(999, model.arch.num_params()) is None
-    trigger = ctrl.due(1000, model.arch.num_params())
+    assert ctrl.due(samples=999, step=1, num_params=model.arch.num_params()) is None
+    trigger = ctrl.due(samples=1000, step=1, num_params=model.arch.num_params())
     assert trigger == "data_volume"
     grown = ctrl.grow(model, trigger=trigger, step=10, samples=1000)
     assert grown is not None
@@ -37,7 +42,9 @@ def test_controller_grows_on_schedule_and_records_history() -> None:
     assert model2.arch.image.depth == 2 and model.arch.image.depth == 1
     assert event.generation == 1 and event.ops == ("deepen:image+1",)
     assert event.params_after > event.params_before
-    assert ctrl.due(1999, model2.arch.num_params()) is None  # counted from the last growth
+    assert (
+        ctrl.due(samples=1999, step=2, num_params=model2.arch.num_params()) is None
+    )  # counted from the last growth
     _, event2 = ctrl.grow(model2, trigger="forced", step=11, samples=1100) or (None, None)
     assert event2 is not None and event2.ops == ("deepen:text+1",) and ctrl.generation == 2
     assert [e["generation"] for e in ctrl.state_dict()["history"]] == [1, 2]
@@ -64,10 +71,12 @@ def test_policy_skips_operators_that_add_nothing() -> None:
 
 
 def test_max_growths_caps_history() -> None:
-    ctrl = GrowthController(GrowthConfig(samples_per_param=0, min_interval_samples=1, max_growths=1))
+    ctrl = GrowthController(
+        GrowthConfig(policy="plan", samples_per_param=0, min_interval_samples=1, max_growths=1)
+    )
     model = GrowCLIP(small_arch())
     assert ctrl.grow(model, trigger="t", step=1, samples=1) is not None
-    assert ctrl.due(10_000, model.arch.num_params()) is None
+    assert ctrl.due(samples=10_000, step=1, num_params=model.arch.num_params()) is None
 
 
 def test_growth_config_rejects_bad_plan() -> None:
@@ -76,7 +85,7 @@ def test_growth_config_rejects_bad_plan() -> None:
 
 
 def test_grown_model_is_seeded_reproducibly() -> None:
-    cfg = GrowthConfig(plan=("widen:image*2",), seed=3)
+    cfg = GrowthConfig(policy="plan", plan=("widen:image*2",), seed=3)
     torch.manual_seed(0)
     base = GrowCLIP(small_arch())
     a = GrowthController(cfg).grow(base, trigger="t", step=0, samples=0)
@@ -84,3 +93,56 @@ def test_grown_model_is_seeded_reproducibly() -> None:
     assert a is not None and b is not None
     for pa, pb in zip(a[0].parameters(), b[0].parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+
+def batches(arch: ArchConfig, n: int, size: int = 8, seed: int = 0) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        Batch(
+            torch.randn(size, arch.channels, arch.image_size, arch.image_size, generator=g),
+            torch.randint(0, 256, (size, arch.context_length), generator=g),
+            tuple(f"{seed}-{i}-{j}" for j in range(size)),
+        )
+        for i in range(n)
+    ]
+
+
+def test_search_policy_scores_every_candidate_and_explains_the_choice() -> None:
+    torch.manual_seed(0)
+    cfg = GrowthConfig(
+        space=("deepen:image+1", "deepen:text+1", "widen_mlp:text+16"), max_ops_per_step=1, supernet_steps=3,
+        momentum=0.5,
+    )  # fmt: skip
+    phases: list[str] = []
+    ctrl = GrowthController(cfg, TrainConfig(batch_size=8), on_phase=phases.append)
+    model = GrowCLIP(small_arch())
+    assert (
+        ctrl.grow(model, trigger="t", step=1, samples=1, train_batches=iter(batches(model.arch, 3))) is None
+    )
+    grown = ctrl.grow(
+        model, trigger="plateau", step=5, samples=40, train_batches=iter(batches(model.arch, 3)),
+        holdout_batches=batches(model.arch, 2, seed=9),
+    )  # fmt: skip
+    assert grown is not None
+    new, event = grown
+    assert event.policy == "search" and event.trigger == "plateau" and event.reason.startswith("won:")
+    scored = [c for c in event.candidates if "val_loss" in c]
+    assert sorted(c["name"] for c in scored) == ["deepen:image+1", "deepen:text+1", "widen_mlp:text+16"]
+    assert event.ops[0] in {c["name"] for c in scored}
+    assert new.arch.to_dict() == event.arch_after and new.arch != model.arch
+    assert event.supernet["steps"] == 3 and set(event.phases) == {"supernet_s", "selection_s", "inherit_s"}
+    assert phases == ["training_supernet", "selecting", "inheriting", "done"]
+
+
+def test_plateau_trigger_fires_through_the_controller() -> None:
+    cfg = GrowthConfig(
+        samples_per_param=0, min_interval_samples=10**9, plateau_patience=20, plateau_smoothing=0.0
+    )
+    ctrl = GrowthController(cfg)
+    model = GrowCLIP(small_arch())
+    for step in range(1, 40):
+        ctrl.observe_step(model, 5.0 - 0.1 * step)  # falling fast: no plateau
+        assert ctrl.due(samples=step, step=step, num_params=1) is None
+    for _ in range(40, 61):
+        ctrl.observe_step(model, 1.0)  # flat
+    assert ctrl.due(samples=60, step=60, num_params=1) == "plateau"

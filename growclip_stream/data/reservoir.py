@@ -1,0 +1,47 @@
+"""A bounded, uniform reservoir sample of a stream (Algorithm R), at most `capacity` samples.
+
+Two uses: the **replay** buffer (TiC-CLIP's finding for continual CLIP training: replaying past
+data keeps the model from forgetting it as the stream drifts), whose samples the loop adds to each
+training batch, and the **held-out** buffer, a fixed-size unbiased view of the held-out records.
+Memory stays bounded however long the stream runs, and every past sample is equally likely to be in
+it. Replayed samples never repeat within a batch and never duplicate an id already in it (a
+duplicate pair would be its own false negative in the contrastive loss).
+"""
+
+from __future__ import annotations
+
+import random
+
+from growclip_stream.data.pipeline import Sample
+
+__all__ = ["Reservoir"]
+
+
+class Reservoir:
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity!r}")
+        self.capacity = capacity
+        self.samples: list[Sample] = []
+        self.seen = 0  # samples offered so far
+        self._rng = random.Random(seed)
+
+    def add(self, sample: Sample) -> None:
+        """Offer one sample: kept with probability capacity / seen, replacing a random kept one."""
+        self.seen += 1
+        if len(self.samples) < self.capacity:
+            self.samples.append(sample)
+            return
+        j = self._rng.randrange(self.seen)
+        if j < self.capacity:
+            self.samples[j] = sample
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def sample(self, n: int, exclude_ids: frozenset[str] | set[str] = frozenset()) -> list[Sample]:
+        """Up to `n` distinct kept samples drawn uniformly, skipping ids in `exclude_ids`."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n!r}")
+        pool = [s for s in self.samples if s.id not in exclude_ids] if exclude_ids else self.samples
+        return self._rng.sample(pool, min(n, len(pool)))
