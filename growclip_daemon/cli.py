@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import httpx
 import typer
@@ -96,36 +96,115 @@ def status(
 def produce(
     bootstrap: Annotated[str, typer.Option(help="Kafka bootstrap HOST:PORT.")],
     topic: Annotated[str, typer.Option(help="Topic to publish to (created if missing).")],
-    dataset: Annotated[str, typer.Option(help="Dataset name, e.g. fashion-mnist.")],
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="Dataset to publish: fashion-mnist, tuxpaint, emoji or openclipart."),
+    ] = None,
+    shards: Annotated[
+        str | None,
+        typer.Option(
+            help="Publish the rows of parquet/tar shards at this fsspec URL (a shard, folder or glob)."
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Stop after this many records.")] = None,
     rate: Annotated[
         float | None, typer.Option(help="Records per second (default: as fast as possible).")
     ] = None,
     format: Annotated[str, typer.Option("--format", help="json or binary.")] = "json",
     split: Annotated[
-        str, typer.Option(help="Dataset split; the test split is reserved for evaluation.")
-    ] = "train",
+        str | None,
+        typer.Option(help="Dataset split (default train); the test split is reserved for evaluation."),
+    ] = None,
     repeat: Annotated[bool, typer.Option(help="Loop over the dataset forever (ids stay unique).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the caption choice.")] = 0,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the order and caption choice (default 0).")
+    ] = None,
 ) -> None:
-    """Publish image-text records to Kafka (demos, tests, backfills)."""
-    from growclip_stream.data.datasets import DATASETS, iter_records
+    """Publish image-text records to Kafka (demos, tests, backfills): a dataset, or the rows of shards.
+
+    Prints JSON: the topic and the records sent.
+
+    With --shards also the rows skipped by reason (e.g. no caption) and unreadable shards (exit 1).
+    """
+    from growclip_stream.data.datasets import DATASETS
+
+    def fail(message: str) -> NoReturn:
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2)
+
+    if (dataset is None) == (shards is None):
+        fail("give exactly one of --dataset and --shards")
+    if format not in ("json", "binary"):
+        fail(f"--format must be json or binary, not {format!r}")
+    if dataset is not None and dataset not in DATASETS:
+        fail(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    if split is not None and split not in ("train", "test"):
+        fail(f"--split must be train or test, not {split!r}")
+    if shards is not None and (split is not None or repeat or seed is not None):
+        fail("--split, --repeat and --seed apply to --dataset, not to --shards")
+    if dataset is not None:
+        _produce_dataset(bootstrap, topic, dataset, split or "train", seed or 0, repeat, limit, rate, format)
+    else:
+        _produce_shards(bootstrap, topic, str(shards), limit, rate, format)
+
+
+def _produce_dataset(
+    bootstrap: str,
+    topic: str,
+    dataset: str,
+    split: str,
+    seed: int,
+    repeat: bool,
+    limit: int | None,
+    rate: float | None,
+    fmt: str,
+) -> None:
+    from growclip_stream.data.datasets import iter_records
     from growclip_stream.data.produce import ensure_topics
     from growclip_stream.data.produce import produce as produce_records
 
-    if dataset not in DATASETS:
-        typer.echo(f"error: unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}", err=True)
-        raise typer.Exit(2)
-    if format not in ("json", "binary"):
-        typer.echo(f"error: --format must be json or binary, not {format!r}", err=True)
-        raise typer.Exit(2)
-    if split not in ("train", "test"):
-        typer.echo(f"error: --split must be train or test, not {split!r}", err=True)
-        raise typer.Exit(2)
+    try:
+        records = iter_records(dataset, split=split, seed=seed, repeat=repeat)  # type: ignore[arg-type]
+    except FileNotFoundError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     ensure_topics(bootstrap, [topic, f"{topic}.dlq"])
-    records = iter_records(dataset, split=split, seed=seed, repeat=repeat)  # type: ignore[arg-type]
-    sent = produce_records(bootstrap, topic, records, fmt=format, rate=rate, limit=limit)  # type: ignore[arg-type]
+    sent = produce_records(bootstrap, topic, records, fmt=fmt, rate=rate, limit=limit)  # type: ignore[arg-type]
     typer.echo(json.dumps({"topic": topic, "records": sent}))
+
+
+def _produce_shards(
+    bootstrap: str, topic: str, url: str, limit: int | None, rate: float | None, fmt: str
+) -> None:
+    from collections import Counter
+
+    from growclip_stream.data.produce import ensure_topics
+    from growclip_stream.data.produce import produce as produce_records
+    from growclip_stream.data.shards import ShardSource, iter_shard_records
+
+    try:
+        source = ShardSource(url)
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    skipped: Counter[str] = Counter()
+    with source:
+        ensure_topics(bootstrap, [topic, f"{topic}.dlq"])
+        records = iter_shard_records(source, skipped)
+        sent = produce_records(bootstrap, topic, records, fmt=fmt, rate=rate, limit=limit)  # type: ignore[arg-type]
+        failed = source.state_dict()["failed"]
+    typer.echo(
+        json.dumps(
+            {
+                "topic": topic,
+                "records": sent,
+                "skipped": dict(sorted(skipped.items())),
+                "failed_shards": failed,
+            }
+        )
+    )
+    if failed:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ comes out as a message (without the missing header, or with the bytes as they ar
 pipeline dead-letters it with its reason. A shard without a JPEG/PNG/WebP member for a key gives a
 message with an empty value and content type ``application/octet-stream`` (reason
 ``bad_content_type``); a null image cell of a parquet shard gives an empty value (``not_an_image``).
-A shard that cannot be read at all (not parquet, corrupt) is retried on later polls, then marked
-failed in the source state and logged as an error; the rows it did yield stay counted.
+A shard that cannot be read (not parquet, truncated, corrupt) is marked failed in the source state
+and logged as an error, after retries on later polls for I/O errors; the rows before the damage
+come out once.
 
 Listing: a URL naming a shard file reads that shard; a directory (or prefix) reads every
 ``*.parquet`` and ``*.tar`` below it, recursively, in sorted order of their path relative to it; a
@@ -52,7 +53,7 @@ import posixpath
 import tarfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
@@ -62,7 +63,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from growclip_stream.data.kafka_source import Message
-from growclip_stream.data.records import Record, sniff_content_type
+from growclip_stream.data.records import Record, RecordError, RecordLimits, decode_message, sniff_content_type
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,11 @@ _MAX_DETAIL_CHARS = 1000
 
 class ShardFormatError(ValueError):
     """A shard that is not an image-text shard at all (no key, caption or image column)."""
+
+
+# Errors that reading the shard again cannot cure (not parquet, a truncated tar): the shard is
+# marked failed at once. Others (I/O errors of a remote store) are retried first.
+_NOT_TRANSIENT = (ShardFormatError, pa.ArrowInvalid, tarfile.ReadError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,7 +501,7 @@ class ShardSource:
         if shard is None:
             return
         detail = f"{type(err).__name__}: {err}"[:_MAX_DETAIL_CHARS]
-        if attempts < self.max_read_attempts and not isinstance(err, ShardFormatError):
+        if attempts < self.max_read_attempts and not isinstance(err, _NOT_TRANSIENT):
             self._retry_at = time.monotonic() + min(self.poll_interval_s, 2.0 ** (attempts - 1))
             log.warning(
                 "shard read failed; retrying at the next poll",
@@ -869,7 +875,35 @@ __all__ = [
     "ShardFormatError",
     "ShardSource",
     "dead_letter_url",
+    "iter_shard_records",
     "read_dead_letter",
     "write_parquet_shards",
     "write_tar_shards",
 ]
+
+
+def iter_shard_records(
+    source: ShardSource, skipped: Counter[str] | None = None, limits: RecordLimits | None = None
+) -> Iterator[Record]:
+    """The records of a (not watching) shard source, for republishing them (``produce --shards``).
+
+    A row whose envelope does not decode (missing key or caption, ...) or whose bytes are not a
+    PNG/JPEG/WebP image at all cannot be published as a record: it is logged with its reason and
+    counted in ``skipped`` (reason -> rows). Image bytes are not decoded here; the consumer's
+    pipeline checks them. Ends when every shard is read (or failed: see ``source.state_dict()``).
+    """
+    limits = limits or RecordLimits()
+    while not source.finished:
+        for msg in source.poll(0.2):
+            try:
+                rec = decode_message(msg.value, msg.headers, limits)
+                sniff_content_type(rec.image)
+            except RecordError as err:
+                if skipped is not None:
+                    skipped[err.reason] += 1
+                log.warning(
+                    "shard row skipped",
+                    extra={"shard": msg.topic, "row": msg.offset, "reason": err.reason, "detail": err.detail},
+                )
+                continue
+            yield rec
