@@ -290,7 +290,7 @@ class OnlineLoop:
     def _finish_search(self) -> None:
         future, self._search = self._search, None
         assert future is not None
-        self._apply(future.result(), "search", self._search_started)
+        self._apply(future.result(), "search beside training", self._search_started)
 
     def _apply(self, plan: GrowthPlan | None, trigger: str, start: float) -> GrowthEvent | None:
         if plan is None:

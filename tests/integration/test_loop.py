@@ -1,0 +1,117 @@
+"""The online loop on a real topic: routing, settled positions, growth paused or beside training."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from growclip_stream.data.datasets import iter_records
+from growclip_stream.data.images import ImageTransform
+from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, KafkaSourceConfig
+from growclip_stream.data.pipeline import Decoder
+from growclip_stream.data.produce import produce
+from growclip_stream.data.records import RecordLimits
+from growclip_stream.growth.config import GrowthConfig
+from growclip_stream.growth.controller import GrowthController, GrowthEvent
+from growclip_stream.model import ArchConfig, GrowCLIP, TowerConfig
+from growclip_stream.model.tokenizer import ByteTokenizer
+from growclip_stream.train.config import TrainConfig
+from growclip_stream.train.loop import LoopConfig, OnlineLoop
+from growclip_stream.train.trainer import OnlineTrainer, StepStats
+
+
+class Recorder:
+    """The loop's observer, recording what it reports."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, int] = {}
+        self.steps: list[StepStats] = []
+        self.growths: list[GrowthEvent] = []
+        self.published: list[tuple[int, int]] = []
+
+    def on_records(self, counts: dict[str, int]) -> None:
+        for k, v in counts.items():
+            self.records[k] = self.records.get(k, 0) + v
+
+    def on_step(self, stats: StepStats, data_wait_s: float) -> None:
+        self.steps.append(stats)
+
+    def on_growth(self, event: GrowthEvent) -> None:
+        self.growths.append(event)
+
+    def on_eval(self, loss: float) -> None:
+        pass
+
+    def publish(
+        self, model: GrowCLIP, *, generation: int, step: int, samples_trained: int, growth_history
+    ) -> None:
+        self.published.append((generation, step))
+
+
+def build(broker: str, topic: str, growth: GrowthConfig) -> tuple[OnlineLoop, Recorder, KafkaSource]:
+    t = TowerConfig(width=16, depth=1, mlp_hidden=32, head_dim=8)
+    arch = ArchConfig(
+        image=t, text=t, shared=TowerConfig(width=16, depth=0, mlp_hidden=32, head_dim=8), embed_dim=16
+    )
+    source = KafkaSource(KafkaSourceConfig(broker, topic, group_id=topic, session_timeout_ms=2000,
+                                           heartbeat_interval_ms=500))  # fmt: skip
+    rec = Recorder()
+    train = TrainConfig(batch_size=32, warmup_steps=2)
+    loop = OnlineLoop(
+        source=source,
+        dead_letter=KafkaDeadLetter(broker, topic),
+        decoder=Decoder(ImageTransform(arch.image_size, arch.channels), RecordLimits()),
+        tokenizer=ByteTokenizer(arch.context_length),
+        trainer=OnlineTrainer(GrowCLIP(arch), train),
+        growth=GrowthController(growth, train),
+        cfg=LoopConfig(holdout_fraction=0.1, eval_batch_size=16, poll_timeout_s=0.2),
+        publish=rec.publish,
+        observer=rec,
+    )
+    return loop, rec, source
+
+
+def run_until(loop: OnlineLoop, done, timeout_s: float = 90) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        loop.run_once()
+
+
+@pytest.mark.parametrize("beside", [False, True], ids=["paused", "beside-training"])
+def test_forced_growth_with_search(broker: str, topic: str, beside: bool) -> None:
+    torch.manual_seed(0)
+    produce(broker, topic, iter_records("fashion-mnist", seed=1), limit=1200)
+    cfg = GrowthConfig(
+        samples_per_param=0, min_interval_samples=10**9, plateau_enabled=False, train_during_search=beside,
+        space=("deepen:image+1", "widen_mlp:text+16"), max_ops_per_step=1, supernet_steps=30,
+    )  # fmt: skip
+    loop, rec, source = build(broker, topic, cfg)
+    run_until(loop, lambda: len(loop.holdout) >= 32 and len(rec.steps) >= 5)
+    steps_before = loop.trainer.step
+    loop.request_grow()
+    loop.run_once()
+    if beside:
+        assert loop.searching  # the search runs in its own thread...
+        run_until(loop, lambda: not loop.searching)
+        assert loop.trainer.step > steps_before  # ...while training went on
+    else:
+        assert not loop.searching and len(rec.growths) == 1  # grown within that iteration
+    assert len(rec.growths) == 1
+    event = rec.growths[0]
+    assert event.trigger == "forced" and event.policy == "search"
+    assert loop.trainer.model.arch.to_dict() == event.arch_after
+    assert event.pim["optimizer"]["grown"] + event.pim["optimizer"]["unchanged"] > 0
+    assert rec.published[-1][0] == 1  # the grown model was published
+    # drain the topic and finish: every record is settled (trained, held out or dead-lettered), once
+    run_until(loop, lambda: sum(rec.records.values()) == 1200)
+    leftover = loop.batcher.pending()
+    loop.finish()
+    settled = int(loop.settled_source_state["positions"]["0"])
+    if leftover == 1:  # a lone record cannot make a contrastive step: it stays for the next run
+        assert settled <= 1200 and loop.trainer.samples == rec.records["trained"] - 1
+    else:
+        assert settled == 1200 and loop.trainer.samples == rec.records["trained"]
+    source.close()
