@@ -34,6 +34,17 @@ class KafkaSettings(Strict):
     max_poll_records: int = Field(500, ge=1)
 
 
+class ShardSettings(Strict):
+    """Shards through fsspec (img2dataset-style parquet, webdataset tar) instead of Kafka."""
+
+    url: str | None = None  # a shard, a prefix/folder of shards or a glob, on any fsspec URL
+    watch: bool = False  # keep listing the prefix for new shards
+    poll_interval_s: float = Field(10.0, gt=0)  # how often a watched prefix is listed again
+    dead_letter: str | None = (
+        None  # JSON-lines file for bad rows; default: _dead_letter.jsonl beside the shards
+    )
+
+
 class DataSettings(Strict):
     max_message_bytes: int = Field(2_000_000, ge=1024)
     max_caption_chars: int = Field(1000, ge=1)
@@ -79,7 +90,9 @@ class DaemonConfig(Strict):
     loop: LoopConfig = LoopConfig()
     growth: GrowthConfig = GrowthConfig()
     data: DataSettings = DataSettings()
+    source: Literal["kafka", "shards"] = "kafka"  # where the records come from
     kafka: KafkaSettings = KafkaSettings()
+    shards: ShardSettings = ShardSettings()
     serve: ServeSettings = ServeSettings()
     producer: ProducerSettings = ProducerSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
@@ -89,6 +102,10 @@ class DaemonConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> DaemonConfig:
+        if self.source == "shards" and not self.shards.url:
+            raise ValueError("source is 'shards' but shards.url is not set")
+        if self.source == "shards" and self.producer.enabled:
+            raise ValueError("producer.enabled streams into Kafka; it does not apply with source 'shards'")
         if self.kafka.heartbeat_interval_ms * 3 > self.kafka.session_timeout_ms:
             raise ValueError(
                 "kafka.heartbeat_interval_ms must be at most a third of kafka.session_timeout_ms"

@@ -33,6 +33,7 @@ from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, Kafk
 from growclip_stream.data.pipeline import Decoder
 from growclip_stream.data.produce import ensure_topics, produce
 from growclip_stream.data.records import RecordLimits
+from growclip_stream.data.shards import ShardDeadLetter, ShardSource, dead_letter_url
 from growclip_stream.growth.controller import GrowthController, GrowthEvent
 from growclip_stream.model import GrowCLIP
 from growclip_stream.model.tokenizer import ByteTokenizer
@@ -143,9 +144,9 @@ class TrainingService(ThreadService):
         self.metrics = metrics
         self.paused = threading.Event()
         self.loop: OnlineLoop | None = None
-        self.source: KafkaSource | None = None
-        self.dead_letter: KafkaDeadLetter | None = None
-        self.observer = MetricsObserver(metrics, source_label="kafka")
+        self.source: KafkaSource | ShardSource | None = None
+        self.dead_letter: KafkaDeadLetter | ShardDeadLetter | None = None
+        self.observer = MetricsObserver(metrics, source_label=cfg.source)
         self._last_lag_update = 0.0
         self._lag: dict[int, int] = {}
         self.checkpointer = Checkpointer(cfg.checkpoint.root, keep=cfg.checkpoint.keep)
@@ -181,19 +182,7 @@ class TrainingService(ThreadService):
         torch.manual_seed(cfg.train.seed)
         if cfg.train.torch_threads:
             torch.set_num_threads(cfg.train.torch_threads)
-        topic = cfg.kafka.topic
-        ensure_topics(self.runtime.bootstrap, [topic, f"{topic}.dlq"], partitions=cfg.kafka.partitions)
-        self.source = KafkaSource(
-            KafkaSourceConfig(
-                bootstrap=self.runtime.bootstrap,
-                topic=topic,
-                group_id=cfg.kafka.group_id,
-                session_timeout_ms=cfg.kafka.session_timeout_ms,
-                heartbeat_interval_ms=cfg.kafka.heartbeat_interval_ms,
-                max_poll_records=cfg.kafka.max_poll_records,
-            )
-        )
-        self.dead_letter = KafkaDeadLetter(self.runtime.bootstrap, topic)
+        self.source, self.dead_letter = self._open_source()
         arch = cfg.model
         limits = RecordLimits(
             max_message_bytes=cfg.data.max_message_bytes,
@@ -217,6 +206,27 @@ class TrainingService(ThreadService):
             self._resume(resumed)
         super().on_start()
 
+    def _open_source(self) -> tuple[KafkaSource | ShardSource, KafkaDeadLetter | ShardDeadLetter]:
+        cfg = self.cfg
+        if cfg.source == "shards":
+            url = cfg.shards.url
+            assert url is not None  # the config validation guarantees it
+            source = ShardSource(url, watch=cfg.shards.watch, poll_interval_s=cfg.shards.poll_interval_s)
+            return source, ShardDeadLetter(cfg.shards.dead_letter or dead_letter_url(url))
+        topic = cfg.kafka.topic
+        ensure_topics(self.runtime.bootstrap, [topic, f"{topic}.dlq"], partitions=cfg.kafka.partitions)
+        kafka = KafkaSource(
+            KafkaSourceConfig(
+                bootstrap=self.runtime.bootstrap,
+                topic=topic,
+                group_id=cfg.kafka.group_id,
+                session_timeout_ms=cfg.kafka.session_timeout_ms,
+                heartbeat_interval_ms=cfg.kafka.heartbeat_interval_ms,
+                max_poll_records=cfg.kafka.max_poll_records,
+            )
+        )
+        return kafka, KafkaDeadLetter(self.runtime.bootstrap, topic)
+
     def _resume(self, ckpt: Checkpoint) -> None:
         """Continue where the checkpoint left off: counters, optimizer, growth history, source positions."""
         assert self.loop is not None and self.source is not None
@@ -224,7 +234,7 @@ class TrainingService(ThreadService):
         trainer.resume(step=ckpt.step, samples=ckpt.samples)
         restore_optimizer(trainer.model, trainer.optimizer, ckpt.optimizer_state)
         self.loop.growth.load_state_dict(ckpt.manifest.get("growth", {}))
-        if self.cfg.kafka.embedded:
+        if self.cfg.source == "kafka" and self.cfg.kafka.embedded:
             # The embedded broker keeps its log in memory: this is a new, empty topic, and the
             # checkpoint's offsets point into one that is gone. The model resumes; the stream restarts.
             log.warning("embedded in-memory broker: the checkpoint's source positions do not apply")
@@ -287,8 +297,9 @@ class TrainingService(ThreadService):
             return
         self._last_lag_update = now
         self._lag = self.source.lag()
-        for partition, lag in self._lag.items():
-            self.metrics.kafka_lag.labels(topic=self.cfg.kafka.topic, partition=str(partition)).set(lag)
+        if self.cfg.source == "kafka":
+            for partition, lag in self._lag.items():
+                self.metrics.kafka_lag.labels(topic=self.cfg.kafka.topic, partition=str(partition)).set(lag)
 
     def on_stop(self) -> None:
         super().on_stop()  # the loop finishes its step and trains what it consumed
@@ -318,8 +329,8 @@ class TrainingService(ThreadService):
                 "last_checkpoint": self.last_checkpoint,
             },
             "source": {
-                "kind": "kafka",
-                "topic": self.cfg.kafka.topic,
+                "kind": self.cfg.source,
+                "topic": self.cfg.kafka.topic if self.cfg.source == "kafka" else self.cfg.shards.url,
                 "positions": self.source.state_dict() if self.source is not None else {},
                 "lag": {str(p): v for p, v in self._lag.items()},
             },
