@@ -6,31 +6,63 @@ has *returned* to the caller. :meth:`KafkaSource.state_dict` goes into the check
 positions to Kafka only after the checkpoint holding them is durable. Kafka's committed offsets
 are therefore a fallback for a start without a checkpoint, never ahead of what a checkpoint holds.
 
-Whenever partitions are (re)assigned, the source seeks each one it has a position for to that
-position, so a rebalance neither skips nor repeats records for this model.
+Assignment: by default the source joins the consumer group and the group assigns partitions
+(``subscribe``); with ``partitions`` set it reads exactly those (``assign``, no group membership).
 
-Threading: one thread drives ``poll``/``commit``/``load_state_dict``; ``lag()`` and
-``state_dict()`` may be read from another thread (metrics, checkpointer).
+Rebalances: whenever partitions are (re)assigned, the source seeks each one it has a position for
+to that position, so a rebalance neither skips nor repeats records for this model. A revoked
+partition's position stays in :meth:`~KafkaSource.state_dict` until a state holding it has been
+reported durable (passed to :meth:`~KafkaSource.commit`): the checkpoint then records how far this
+model read it, and the source forgets it. If it is assigned back before that, the source resumes
+from its own position; afterwards, from the group's committed offset (the new owner's progress).
+
+Backpressure: :meth:`~KafkaSource.pause` stops delivery from every assigned partition (and from
+partitions assigned later) while the caller keeps calling :meth:`~KafkaSource.poll`, which keeps
+the group membership alive (``max_poll_interval_ms``) and returns nothing. Memory stays bounded:
+``poll`` returns at most ``max_poll_records`` records, and the client parks at most one fetch
+response per paused partition.
+
+Broker outages: ``poll`` never raises on connection errors; it returns ``[]``. While the broker
+is unreachable the source checks it again with an exponential, capped backoff, and logs at most
+once per backoff period. When the client stays broken after the broker is back (DESIGN §6), or
+raises, or stalls (records wait past our position and none arrive for ``stall_timeout_s``), the
+source closes it, builds a new one and seeks to its own tracked positions: no record is skipped
+or repeated. :attr:`~KafkaSource.connected`, :attr:`~KafkaSource.reconnects` and
+:meth:`~KafkaSource.health` report it. Lag keeps the last known highwater per partition, so it
+stays right across reconnects.
+
+Threading: one thread drives ``poll``/``pause``/``resume``/``commit``/``load_state_dict``;
+``lag()``, ``state_dict()`` and ``health()`` may be read from another thread (metrics,
+checkpointer).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
-from kafka.errors import IllegalStateError
+from kafka.errors import IllegalStateError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from growclip_stream.data.produce import MAX_REQUEST_BYTES, ensure_topics, make_producer
+from growclip_stream.data.produce import (
+    MAX_REQUEST_BYTES,
+    Backoff,
+    RecordRejectedError,
+    ReliableProducer,
+    broker_reachable,
+    ensure_topics,
+)
 
 log = logging.getLogger(__name__)
 
 DLQ_SUFFIX = ".dlq"
 _MAX_DETAIL_CHARS = 1000
+_PROBE_TIMEOUT_MS = 1000  # one ListOffsets round trip; a live local broker answers in milliseconds
 
 
 @dataclass(frozen=True)
@@ -47,7 +79,7 @@ class Message:
 class KafkaSourceConfig:
     bootstrap: str  # "host:port[,host:port...]"
     topic: str
-    group_id: str = "growclip"
+    group_id: str = "growclip"  # group membership (subscribe) and offset commits (both modes)
     auto_offset_reset: str = "earliest"  # where a partition starts with neither checkpoint nor commit
     # DESIGN §6: the broker holds a JoinGroup for session_timeout_ms / 2, so keep this small
     # (6000/1000 joins in ~3 s; tests use 2000/500 for ~1 s).
@@ -55,19 +87,78 @@ class KafkaSourceConfig:
     heartbeat_interval_ms: int = 1000
     max_poll_records: int = 500
     request_timeout_ms: int = 10000
+    # None: join the consumer group, which assigns partitions (subscribe). A list of partition
+    # numbers, or "all" (every partition the topic has at start): read exactly those (assign), no
+    # group membership and no rebalances.
+    partitions: list[int] | Literal["all"] | None = None
+    # Reconnect backoff, doubling from the first value up to the cap: the client's own reconnects
+    # and this source's broker checks and client re-creation. kafka-python's default cap, 30 s,
+    # would add up to 30 s to the recovery after an outage.
+    reconnect_backoff_ms: int = 100
+    reconnect_backoff_max_ms: int = 5000
+    # While no records arrive, check this often that the broker still answers (one ListOffsets).
+    probe_interval_s: float = 2.0
+    # The broker answers and holds records past our position on an assigned, unpaused partition,
+    # yet none arrived for this long: the client is stuck, so it is rebuilt.
+    stall_timeout_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        if self.auto_offset_reset not in ("earliest", "latest"):
+            raise ValueError(
+                f"auto_offset_reset must be 'earliest' or 'latest', got {self.auto_offset_reset!r}"
+            )
+        if self.partitions is not None and self.partitions != "all":
+            parts = self.partitions
+            if (
+                not isinstance(parts, list | tuple)
+                or not parts
+                or any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in parts)
+                or len(set(parts)) != len(parts)
+            ):
+                raise ValueError(
+                    "partitions must be None, 'all' or a non-empty list of distinct partition numbers, "
+                    f"got {parts!r}"
+                )
+        if not 0 < self.reconnect_backoff_ms <= self.reconnect_backoff_max_ms:
+            raise ValueError("need 0 < reconnect_backoff_ms <= reconnect_backoff_max_ms")
+        if self.probe_interval_s <= 0 or self.stall_timeout_s <= 0:
+            raise ValueError("probe_interval_s and stall_timeout_s must be positive")
+
+
+@dataclass
+class _Health:
+    connected: bool = True
+    down_since: float | None = None  # monotonic time of the first failure of the current outage
+    last_ok: float = field(default_factory=time.monotonic)  # last proof the broker answers us
+    last_error: str = ""
+    reconnects: int = 0  # outages recovered from
+    client_restarts: int = 0  # consumers rebuilt (after a failure, a stall, or reconnect())
 
 
 class KafkaSource:
     def __init__(self, cfg: KafkaSourceConfig) -> None:
-        if cfg.auto_offset_reset not in ("earliest", "latest"):
-            raise ValueError(
-                f"auto_offset_reset must be 'earliest' or 'latest', got {cfg.auto_offset_reset!r}"
-            )
+        cfg.__post_init__()  # also when the dataclass was mutated after construction
         self.cfg = cfg
         self._lock = threading.Lock()
-        self._positions: dict[int, int] = {}  # partition -> next offset to return
+        self._positions: dict[int, int] = {}  # partition -> next offset to return (assigned, or loaded)
+        self._revoked: dict[int, int] = {}  # revoked partitions whose position is not reported yet
+        self._highwater: dict[int, int] = {}  # last highwater seen per partition (kept across clients)
         self._lag: dict[int, int] = {}  # snapshot after the last poll
-        self._consumer = KafkaConsumer(
+        self._paused = False
+        self._health = _Health()
+        backoff_s = (cfg.reconnect_backoff_ms / 1000, cfg.reconnect_backoff_max_ms / 1000)
+        self._probe_backoff = Backoff(*backoff_s)
+        self._rebuild_backoff = Backoff(*backoff_s)
+        self._stall_since: float | None = None
+        self._stall_positions: dict[int, int] = {}
+        self._awaiting_assignment = False  # a new client has not been assigned partitions yet
+        self._consumer: KafkaConsumer | None = self._create_consumer(cfg.request_timeout_ms * 3)
+
+    # -- the client -------------------------------------------------------------------------------
+
+    def _create_consumer(self, bootstrap_timeout_ms: int) -> KafkaConsumer:
+        cfg = self.cfg
+        consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap,
             group_id=cfg.group_id,
             client_id=f"growclip-source-{cfg.group_id}",
@@ -77,17 +168,167 @@ class KafkaSource:
             heartbeat_interval_ms=cfg.heartbeat_interval_ms,
             max_poll_records=cfg.max_poll_records,
             request_timeout_ms=cfg.request_timeout_ms,
+            reconnect_backoff_ms=cfg.reconnect_backoff_ms,
+            reconnect_backoff_max_ms=cfg.reconnect_backoff_max_ms,
+            bootstrap_timeout_ms=bootstrap_timeout_ms,
             # large enough for any record the broker accepted, so an oversized one cannot stall a partition
             max_partition_fetch_bytes=MAX_REQUEST_BYTES,
         )
-        self._consumer.subscribe(topics=[cfg.topic], listener=_SeekOnAssign(self))
+        try:
+            if cfg.partitions is None:
+                consumer.subscribe(topics=[cfg.topic], listener=_SeekOnAssign(self, consumer))
+                self._awaiting_assignment = True
+            else:
+                tps = self._static_partitions(consumer)
+                consumer.assign(tps)
+                self._on_assigned(consumer, set(tps))
+        except BaseException:
+            consumer.close(autocommit=False, timeout_ms=0)
+            raise
+        return consumer
 
-    # -- consuming ------------------------------------------------------------------------------
+    def _static_partitions(self, consumer: KafkaConsumer) -> list[TopicPartition]:
+        wanted = self.cfg.partitions
+        existing = consumer.partitions_for_topic(self.cfg.topic)
+        if not existing:
+            raise KafkaError(f"topic {self.cfg.topic!r} does not exist or has no partitions")
+        if wanted == "all":
+            chosen = sorted(existing)
+        else:
+            assert wanted is not None
+            missing = sorted(set(wanted) - set(existing))
+            if missing:
+                raise ValueError(f"topic {self.cfg.topic!r} has no partition(s) {missing}")
+            chosen = sorted(wanted)
+        return [TopicPartition(self.cfg.topic, p) for p in chosen]
+
+    def _drop_client(self, reason: str) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is None:
+            return
+        try:
+            consumer.close(autocommit=False, timeout_ms=0)
+        except Exception as e:  # a broken client may fail in any way while closing
+            log.debug("closing the old consumer failed", extra={"error": repr(e)})
+        log.info(
+            "consumer dropped; a new one will be built", extra={"topic": self.cfg.topic, "reason": reason}
+        )
+
+    def _try_rebuild(self) -> None:
+        """Builds a new client when the backoff allows and the broker accepts connections."""
+        if self._consumer is not None or not self._rebuild_backoff.ready():
+            return
+        try:
+            if not broker_reachable(self.cfg.bootstrap):
+                raise KafkaError("no bootstrap server accepts connections")
+            consumer = self._create_consumer(self.cfg.request_timeout_ms)
+        except (KafkaError, OSError) as e:
+            delay = self._rebuild_backoff.fail()
+            self._mark_down(e, retry_in_s=delay)
+            return
+        self._rebuild_backoff.reset()
+        self._consumer = consumer
+        self._health.client_restarts += 1
+        self._stall_since = None
+        with self._lock:
+            positions = dict(self._positions)
+        log.info(
+            "consumer rebuilt",
+            extra={
+                "topic": self.cfg.topic,
+                "client_restarts": self._health.client_restarts,
+                "positions": positions,
+            },
+        )
+
+    def reconnect(self) -> None:
+        """Drops the client and builds a new one now (positions, pause state and lag are kept)."""
+        self._drop_client("requested")
+        self._rebuild_backoff.reset()
+        self._try_rebuild()
+
+    # -- health -----------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker answered this source at the last check (poll with records, or probe)."""
+        return self._health.connected and self._consumer is not None
+
+    @property
+    def reconnects(self) -> int:
+        """How many outages this source has recovered from."""
+        return self._health.reconnects
+
+    def health(self) -> dict[str, Any]:
+        h = self._health
+        return {
+            "connected": self.connected,
+            "paused": self._paused,
+            "reconnects": h.reconnects,
+            "client_restarts": h.client_restarts,
+            "down_for_s": None if h.down_since is None else round(time.monotonic() - h.down_since, 3),
+            "last_error": h.last_error,
+        }
+
+    def _mark_ok(self) -> None:
+        h = self._health
+        h.last_ok = time.monotonic()
+        self._probe_backoff.reset()
+        if h.down_since is not None:
+            h.reconnects += 1
+            log.info(
+                "broker reachable again",
+                extra={
+                    "topic": self.cfg.topic,
+                    "outage_s": round(h.last_ok - h.down_since, 3),
+                    "reconnects": h.reconnects,
+                },
+            )
+            h.down_since = None
+        h.connected = True
+
+    def _mark_down(self, err: BaseException, retry_in_s: float) -> None:
+        """Records a failure; logs when the outage starts and at most once per backoff period after."""
+        h = self._health
+        h.connected = False
+        h.last_error = repr(err)
+        now = time.monotonic()
+        first = h.down_since is None
+        if first:
+            h.down_since = now
+        log.warning(
+            "broker unreachable" if first else "broker still unreachable",
+            extra={
+                "topic": self.cfg.topic,
+                "error": repr(err),
+                "down_for_s": round(now - (h.down_since or now), 3),
+                "retry_in_s": round(retry_in_s, 3),
+            },
+        )
+
+    # -- consuming --------------------------------------------------------------------------------
 
     def poll(self, timeout_s: float, max_records: int | None = None) -> list[Message]:
         """Up to ``max_records`` (default: config's max_poll_records) messages, ordered by partition
-        then offset; waits at most ``timeout_s`` when none are ready. Advances the tracked positions."""
-        batches = self._consumer.poll(timeout_ms=max(0, int(timeout_s * 1000)), max_records=max_records)
+        then offset; waits at most about ``timeout_s`` when none are ready. Advances the tracked
+        positions. Returns ``[]`` while paused and while the broker is unreachable; never raises
+        on connection errors."""
+        if max_records is not None and max_records <= 0:
+            raise ValueError(f"max_records must be positive, got {max_records}")
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        if self._consumer is None:
+            self._try_rebuild()
+        consumer = self._consumer
+        if consumer is None:
+            time.sleep(max(0.0, min(deadline - time.monotonic(), self._rebuild_backoff.remaining_s())))
+            return []
+        try:
+            batches = consumer.poll(timeout_ms=max(0, int(timeout_s * 1000)), max_records=max_records)
+        except (KafkaError, OSError) as e:
+            delay = self._rebuild_backoff.fail()
+            self._mark_down(e, retry_in_s=delay)
+            self._drop_client(f"poll failed: {e!r}")
+            return []
         out: list[Message] = []
         advanced: dict[int, int] = {}
         for tp in sorted(batches, key=lambda tp: tp.partition):
@@ -105,23 +346,140 @@ class KafkaSource:
             if batches[tp]:
                 advanced[tp.partition] = batches[tp][-1].offset + 1
         with self._lock:
-            self._positions.update(advanced)
-        self._refresh_lag()
+            for partition, offset in advanced.items():
+                if partition in self._revoked:  # revoked by a rebalance since these were fetched
+                    self._revoked[partition] = offset
+                else:
+                    self._positions[partition] = offset
+        if out:
+            self._mark_ok()
+        else:
+            self._maybe_probe(consumer)
+        self._refresh_lag(consumer)
         return out
 
-    def _refresh_lag(self) -> None:
+    def _maybe_probe(self, consumer: KafkaConsumer) -> None:
+        """While nothing arrives: checks that the broker answers (every probe_interval_s when
+        connected, with backoff when not), and that the client is not stuck."""
+        now = time.monotonic()
+        if self._health.connected:
+            if now - self._health.last_ok < self.cfg.probe_interval_s:
+                return
+        elif not self._probe_backoff.ready():
+            return
+        try:
+            if not broker_reachable(self.cfg.bootstrap):
+                raise KafkaError("no bootstrap server accepts connections")
+            tps = sorted(consumer.assignment()) or [TopicPartition(self.cfg.topic, 0)]
+            ends = consumer.end_offsets(tps, timeout_ms=min(_PROBE_TIMEOUT_MS, self.cfg.request_timeout_ms))
+        except (KafkaError, OSError) as e:
+            delay = self._probe_backoff.fail()
+            self._mark_down(e, retry_in_s=delay)
+            down_since = self._health.down_since
+            if (
+                down_since is not None
+                and now - down_since >= self.cfg.stall_timeout_s
+                and broker_reachable(self.cfg.bootstrap)
+            ):
+                self._drop_client("the broker accepts connections but the client gets no answers")
+            return
+        self._mark_ok()
+        self._check_stall(consumer, ends, now)
+
+    def _check_stall(self, consumer: KafkaConsumer, ends: Mapping[TopicPartition, int], now: float) -> None:
+        """Rebuilds the client when records wait past our position on an unpaused partition and
+        none arrive. Records wait when the last highwater seen, or the broker's end offset, is past
+        the position; this broker's end offset is only a lower bound of the highwater (the last
+        batch's first offset + 1, DESIGN §6), but it does move past the position when new records
+        arrive after a client stopped fetching."""
+        if self._paused:
+            self._stall_since = None
+            return
+        with self._lock:
+            positions = dict(self._positions)
+            highwater = dict(self._highwater)
+        waiting: dict[int, int] = {}
+        for tp in consumer.assignment():
+            end = max(ends.get(tp) or 0, highwater.get(tp.partition, 0))
+            position = positions.get(tp.partition)
+            if position is None:
+                position = self._client_position(consumer, tp)
+            if position is not None and end > position:
+                waiting[tp.partition] = position
+        if not waiting:
+            self._stall_since = None
+            return
+        if self._stall_since is None or waiting != self._stall_positions:
+            self._stall_since, self._stall_positions = now, waiting
+            return
+        if now - self._stall_since >= self.cfg.stall_timeout_s:
+            log.warning(
+                "consumer stalled: records wait but none arrive",
+                extra={
+                    "topic": self.cfg.topic,
+                    "positions": waiting,
+                    "stalled_s": round(now - self._stall_since, 3),
+                },
+            )
+            self._stall_since = None
+            self._drop_client("stalled")
+            self._try_rebuild()
+
+    @staticmethod
+    def _client_position(consumer: KafkaConsumer, tp: TopicPartition) -> int | None:
+        try:
+            position = consumer.position(tp, timeout_ms=0)
+        except (KafkaError, OSError):
+            return None
+        return position if isinstance(position, int) else None
+
+    # -- backpressure ---------------------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        """Stops delivery from every assigned partition, and from partitions assigned later, until
+        :meth:`resume`. Keep calling :meth:`poll` meanwhile: it keeps the group membership alive and
+        returns ``[]``. Positions do not move, so nothing is skipped."""
+        self._paused = True
+        consumer = self._consumer
+        if consumer is not None:
+            consumer.pause(*consumer.assignment())
+        self._stall_since = None
+
+    def resume(self) -> None:
+        """Delivery continues where it stopped."""
+        self._paused = False
+        consumer = self._consumer
+        if consumer is not None:
+            consumer.resume(*consumer.paused())
+        self._stall_since = None
+
+    # -- lag --------------------------------------------------------------------------------------
+
+    def _refresh_lag(self, consumer: KafkaConsumer) -> None:
+        assigned = consumer.assignment()
+        if not assigned and self._awaiting_assignment:
+            return  # a new client is joining: keep the last lag rather than report none
         lag: dict[int, int] = {}
-        for tp in self._consumer.assignment():
+        for tp in assigned:
             try:
-                highwater = self._consumer.highwater(tp)
+                highwater = consumer.highwater(tp)
             except IllegalStateError:  # revoked by a rebalance since assignment() was read
                 continue
+            with self._lock:
+                if highwater is not None:
+                    self._highwater[tp.partition] = highwater
+                highwater = self._highwater.get(tp.partition)
+                position = self._positions.get(tp.partition)
             if highwater is None:  # no fetch response for this partition yet
                 continue
-            with self._lock:
-                position = self._positions.get(tp.partition)
             if position is None:
-                position = self._consumer.position(tp)  # resolved: a fetch has happened
+                position = self._client_position(consumer, tp)
+            if position is None:
+                continue
             lag[tp.partition] = max(0, highwater - position)
         self._lag = lag
 
@@ -130,14 +488,24 @@ class KafkaSource:
 
         Uses the fetch responses' highwater, not ``end_offsets`` (DESIGN §6: this broker's end
         offsets report the last batch's first offset + 1). Partitions not fetched yet are absent.
+        The last known highwater is kept across client rebuilds, and our own positions are used.
         """
         return dict(self._lag)
 
-    # -- positions ------------------------------------------------------------------------------
+    def assignment(self) -> list[int]:
+        """The partitions this source reads now (empty while a group join is in progress)."""
+        consumer = self._consumer
+        if consumer is None:
+            return []
+        return sorted(tp.partition for tp in consumer.assignment())
+
+    # -- positions --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """Positions of the partitions read now, and of revoked ones not reported durable yet."""
         with self._lock:
-            positions = {str(p): off for p, off in sorted(self._positions.items())}
+            merged = {**self._revoked, **self._positions}
+        positions = {str(p): off for p, off in sorted(merged.items())}
         return {"topic": self.cfg.topic, "positions": positions}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -145,48 +513,96 @@ class KafkaSource:
         positions = _parse_state(state, self.cfg.topic)
         with self._lock:
             self._positions.update(positions)
-        assigned = {tp.partition: tp for tp in self._consumer.assignment()}
-        for partition, offset in positions.items():
-            if partition in assigned:
-                self._consumer.seek(assigned[partition], offset)
+            for partition in positions:
+                self._revoked.pop(partition, None)
+        consumer = self._consumer
+        if consumer is not None:
+            assigned = {tp.partition: tp for tp in consumer.assignment()}
+            for partition, offset in positions.items():
+                if partition in assigned:
+                    consumer.seek(assigned[partition], offset)
         log.info("loaded source positions", extra={"topic": self.cfg.topic, "positions": positions})
 
-    def commit(self, state: Mapping[str, Any] | None = None) -> None:
-        """Commits positions to Kafka: those of ``state`` (a :meth:`state_dict` that was saved
-        durably) or, by default, the current ones. Only partitions assigned to this member are
-        committed; the others belong to another member of the group for now."""
+    def commit(self, state: Mapping[str, Any] | None = None) -> bool:
+        """Reports ``state`` (a :meth:`state_dict` that was saved durably; by default the current
+        positions) as durable, and commits its positions to Kafka.
+
+        Only partitions assigned to this source are committed to Kafka; the others belong to
+        another member of the group for now. Revoked partitions whose reported position is their
+        final one are forgotten (see the module docstring). Returns False, and logs, when Kafka
+        did not take the commit (broker unreachable, rebalance in progress): the checkpoint still
+        holds the positions, and Kafka's committed offsets only lag behind it.
+        """
         if state is None:
             with self._lock:
-                positions = dict(self._positions)
+                positions = {**self._revoked, **self._positions}
         else:
             positions = _parse_state(state, self.cfg.topic)
-        assigned = {tp.partition for tp in self._consumer.assignment()}
+        with self._lock:
+            for partition, offset in positions.items():
+                if self._revoked.get(partition) == offset:
+                    del self._revoked[partition]
+        consumer = self._consumer
+        if consumer is None:
+            log.warning("offsets not committed: no connection", extra={"topic": self.cfg.topic})
+            return False
+        assigned = {tp.partition for tp in consumer.assignment()}
         offsets = {
             TopicPartition(self.cfg.topic, p): OffsetAndMetadata(off, "", -1)
             for p, off in positions.items()
             if p in assigned
         }
         if not offsets:
-            return
-        self._consumer.commit(offsets=offsets)
+            return True
+        try:
+            consumer.commit(offsets=offsets, timeout_ms=self.cfg.request_timeout_ms)
+        except (KafkaError, OSError) as e:
+            log.warning(
+                "offsets not committed",
+                extra={"topic": self.cfg.topic, "positions": positions, "error": repr(e)},
+            )
+            return False
         log.debug("committed offsets", extra={"topic": self.cfg.topic, "positions": positions})
+        return True
 
-    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+    # -- rebalance callbacks (client IO thread: must not block) -----------------------------------
+
+    def _on_assigned(self, consumer: KafkaConsumer, assigned: set[TopicPartition]) -> None:
         with self._lock:
+            for tp in assigned:
+                if tp.partition in self._revoked:
+                    self._positions[tp.partition] = self._revoked.pop(tp.partition)
             seeks = {tp: self._positions[tp.partition] for tp in assigned if tp.partition in self._positions}
         for tp, offset in seeks.items():
-            self._consumer.seek(tp, offset)
+            consumer.seek(tp, offset)
+        if self._paused and assigned:
+            consumer.pause(*assigned)
+        self._awaiting_assignment = False
         log.info(
             "partitions assigned",
             extra={
                 "topic": self.cfg.topic,
                 "partitions": sorted(tp.partition for tp in assigned),
                 "seeks": {tp.partition: off for tp, off in seeks.items()},
+                "paused": self._paused,
             },
         )
 
+    def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        with self._lock:
+            for tp in revoked:
+                if tp.partition in self._positions:
+                    self._revoked[tp.partition] = self._positions.pop(tp.partition)
+                self._lag.pop(tp.partition, None)
+        log.info(
+            "partitions revoked",
+            extra={"topic": self.cfg.topic, "partitions": sorted(tp.partition for tp in revoked)},
+        )
+
     def close(self) -> None:
-        self._consumer.close(autocommit=False)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            consumer.close(autocommit=False)
 
     def __enter__(self) -> KafkaSource:
         return self
@@ -198,14 +614,18 @@ class KafkaSource:
 class _SeekOnAssign(ConsumerRebalanceListener):
     """Runs on the client's IO thread: must not block."""
 
-    def __init__(self, source: KafkaSource) -> None:
+    def __init__(self, source: KafkaSource, consumer: KafkaConsumer) -> None:
         self._source = source
+        self._consumer = consumer
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        pass  # positions are kept: they describe what this model has consumed
+        self._source._on_revoked(revoked)
+
+    def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        self._source._on_revoked(lost)  # evicted: our positions still describe what this model read
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._source._on_assigned(assigned)
+        self._source._on_assigned(self._consumer, assigned)
 
 
 def _parse_state(state: Mapping[str, Any], topic: str) -> dict[int, int]:
@@ -225,12 +645,22 @@ def _parse_state(state: Mapping[str, Any], topic: str) -> dict[int, int]:
 
 class KafkaDeadLetter:
     """Sends unusable messages, original bytes and headers, to ``<topic>.dlq`` with headers
-    ``reason``, ``detail``, ``source-topic``, ``source-partition`` and ``source-offset``."""
+    ``reason``, ``detail``, ``source-topic``, ``source-partition`` and ``source-offset``.
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    Survives broker outages and restarts like :class:`ReliableProducer`, which it uses: a message
+    is kept until the broker acknowledges it, and sent again by a recreated producer after a
+    failure (at-least-once). ``send`` never blocks for more than ``max_block_ms`` and never raises
+    on connection errors. A message too large for a request goes without its value, with header
+    ``value-dropped`` giving the original size. Call :meth:`flush` before reporting a checkpoint
+    durable, so that the dead letter holds every record the checkpoint's positions skip.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, *, max_block_ms: int = 1000) -> None:
         self.topic = topic + DLQ_SUFFIX
         ensure_topics(bootstrap, [self.topic])
-        self._producer = make_producer(bootstrap)
+        self._producer = ReliableProducer(
+            bootstrap, client_id="growclip-dead-letter", max_block_ms=max_block_ms
+        )
 
     def send(self, msg: Message, reason: str, detail: str) -> None:
         headers = [
@@ -241,16 +671,41 @@ class KafkaDeadLetter:
             ("source-partition", str(msg.partition).encode("ascii")),
             ("source-offset", str(msg.offset).encode("ascii")),
         ]
-        future = self._producer.send(self.topic, value=msg.value, headers=headers)
-        future.add_errback(
-            lambda exc: log.error(
-                "dead letter send failed",
-                extra={"dlq_topic": self.topic, "source_offset": msg.offset, "error": repr(exc)},
+        try:
+            self._producer.send(self.topic, msg.value, headers=headers)
+        except RecordRejectedError as e:
+            size = len(msg.value or b"")
+            log.warning(
+                "dead letter value dropped: record refused",
+                extra={"dlq_topic": self.topic, "source_offset": msg.offset, "bytes": size, "error": repr(e)},
             )
-        )
+            self._producer.send(
+                self.topic, b"", headers=[*headers, ("value-dropped", str(size).encode("ascii"))]
+            )
 
-    def flush(self) -> None:
-        self._producer.flush()
+    @property
+    def pending(self) -> int:
+        """Messages not acknowledged by the broker yet."""
+        return self._producer.pending
+
+    @property
+    def connected(self) -> bool:
+        return self._producer.healthy
+
+    @property
+    def reconnects(self) -> int:
+        """Producers recreated after a failure."""
+        return self._producer.reconnects
+
+    def maintain(self) -> None:
+        """Recreates a failed producer and resends, when due; ``send`` and ``flush`` do it too.
+        Call it now and then (every loop iteration is fine: it is cheap) so that messages sent
+        before an outage do not wait for the next bad record to be retried."""
+        self._producer.maintain()
+
+    def flush(self, timeout_s: float | None = 30.0) -> bool:
+        """Waits until every message is acknowledged (True) or ``timeout_s`` passed (False)."""
+        return self._producer.flush(timeout_s)
 
     def close(self) -> None:
         self._producer.close()

@@ -27,10 +27,15 @@ def records(n: int, start: int = 0) -> Iterator[Record]:
         yield Record(id=f"rec-{i:05d}", caption=f"caption {i}", image=TINY_PNG)
 
 
-def source(broker: str, topic: str, group: str) -> KafkaSource:
+def source(broker: str, topic: str, group: str, **overrides: Any) -> KafkaSource:
     return KafkaSource(
         KafkaSourceConfig(
-            bootstrap=broker, topic=topic, group_id=group, session_timeout_ms=2000, heartbeat_interval_ms=500
+            bootstrap=broker,
+            topic=topic,
+            group_id=group,
+            session_timeout_ms=2000,
+            heartbeat_interval_ms=500,
+            **overrides,
         )
     )
 
@@ -241,3 +246,157 @@ def test_ensure_topics_is_idempotent(broker: str, topic: str) -> None:
         assert c.partitions_for_topic(topic + "-new") == {0, 1}
     finally:
         c.close()
+
+
+def offsets_by_partition(msgs: list[Message]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for m in msgs:
+        out.setdefault(m.partition, []).append(m.offset)
+    return {p: sorted(offs) for p, offs in sorted(out.items())}
+
+
+def assert_contiguous(msgs: list[Message]) -> None:
+    """Every partition read from offset 0 without a gap or a repeat."""
+    for partition, offs in offsets_by_partition(msgs).items():
+        assert offs == list(range(len(offs))), f"partition {partition}: {offs}"
+
+
+def test_group_members_split_partitions_and_hand_over_without_duplicates(broker: str, topic: str) -> None:
+    """Two members of one group: every record is consumed by exactly one of them, also when one
+    leaves and the other takes its partitions over from the committed offsets."""
+    topic = topic + "-p4"
+    ensure_topics(broker, [topic], partitions=4)
+    group = f"g-{topic}"
+    got: dict[str, list[Message]] = {"a": [], "b": []}
+    produce(broker, topic, records(100))
+    a = source(broker, topic, group)
+    b: KafkaSource | None = None
+    try:
+        got["a"] += consume(a, 100)
+        a.commit()  # as after a durable checkpoint
+        assert a.assignment() == [0, 1, 2, 3]
+
+        b = source(broker, topic, group)
+        deadline = time.monotonic() + 20
+        while not (a.assignment() and b.assignment()):
+            assert time.monotonic() < deadline, "the group did not rebalance"
+            assert a.poll(0.2) == [] and b.poll(0.2) == []  # everything so far was consumed and committed
+        assert sorted(a.assignment() + b.assignment()) == [0, 1, 2, 3]
+        # a's revoked partitions stay in its state until a state holding them is reported durable
+        assert len(a.state_dict()["positions"]) == 4
+        assert a.commit()
+        assert sorted(int(p) for p in a.state_dict()["positions"]) == a.assignment()
+
+        produce(broker, topic, records(400, start=100))
+        deadline = time.monotonic() + 30
+        while len(got["a"]) + len(got["b"]) < 500:
+            assert time.monotonic() < deadline, f"got {len(got['a']) + len(got['b'])} of 500"
+            for name, member in (("a", a), ("b", b)):
+                msgs = member.poll(0.2)
+                if msgs:
+                    got[name] += msgs
+                    member.commit()
+        assert {m.partition for m in got["b"]} == set(b.assignment())
+        assert got["b"] and len(got["a"]) > 100
+
+        b.commit()  # its final checkpoint, then it leaves
+        b.close()
+        b = None
+        produce(broker, topic, records(100, start=500))
+        deadline = time.monotonic() + 30
+        while len(got["a"]) + len(got["b"]) < 600:
+            assert time.monotonic() < deadline, f"got {len(got['a']) + len(got['b'])} of 600"
+            got["a"] += a.poll(0.3)
+        assert_quiet(a)
+        assert a.assignment() == [0, 1, 2, 3]
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+    everything = got["a"] + got["b"]
+    assert sorted(ids(everything)) == [f"rec-{i:05d}" for i in range(600)]  # each exactly once
+    assert_contiguous(everything)
+
+
+def test_static_assignment_reads_exactly_the_given_partitions(broker: str, topic: str) -> None:
+    topic = topic + "-p3"
+    ensure_topics(broker, [topic], partitions=3)
+    produce(broker, topic, records(150))
+    with source(broker, topic, f"g-all-{topic}", partitions="all") as every:
+        assert every.assignment() == [0, 1, 2]
+        msgs = consume(every, 150)
+        assert_quiet(every, 0.5)
+    assert_contiguous(msgs)
+    in_p1 = sorted(m.offset for m in msgs if m.partition == 1)
+    assert 0 < len(in_p1) < 150
+
+    group = f"g-one-{topic}"
+    with source(broker, topic, group, partitions=[1]) as one:
+        assert one.assignment() == [1]
+        got = consume(one, len(in_p1))
+        assert_quiet(one, 0.5)
+        assert [m.offset for m in got] == in_p1 and {m.partition for m in got} == {1}
+        assert one.state_dict()["positions"] == {"1": len(in_p1)}
+        assert one.commit()
+    # the commit made without group membership is the group's offset: a member starts after it
+    with source(broker, topic, group) as member:
+        rest = consume(member, 150 - len(in_p1))
+        assert_quiet(member, 0.5)
+        assert 1 not in {m.partition for m in rest}
+
+    with pytest.raises(ValueError, match="partitions"):
+        KafkaSourceConfig(bootstrap=broker, topic=topic, partitions=[])
+    with pytest.raises(ValueError, match="no partition"):
+        source(broker, topic, group, partitions=[1, 7])
+
+
+def test_pause_stops_delivery_and_resume_continues_without_loss(broker: str, topic: str) -> None:
+    produce(broker, topic, records(100))
+    with source(broker, topic, f"g-{topic}") as src:
+        first = consume(src, 30, batch=10)
+        src.pause()
+        assert src.paused and src.health()["paused"]
+        t0 = time.monotonic()
+        polls = 0
+        while time.monotonic() - t0 < 1.5:  # the caller keeps polling: membership stays alive
+            assert src.poll(0.1) == []
+            polls += 1
+        assert polls >= 5
+        produce(broker, topic, records(50, start=100))
+        assert src.poll(0.5) == []
+        assert src.state_dict()["positions"] == {"0": 30}
+        src.resume()
+        assert not src.paused
+        rest = consume(src, 120)
+        assert_quiet(src)
+    assert [m.offset for m in first + rest] == list(range(150))
+    assert ids(first + rest) == [f"rec-{i:05d}" for i in range(150)]
+
+
+def test_reconnect_rebuilds_the_client_at_the_tracked_positions(broker: str, topic: str) -> None:
+    produce(broker, topic, records(100))
+    with source(broker, topic, f"g-{topic}") as src:
+        part1 = consume(src, 40)
+        src.pause()
+        src.reconnect()  # what the source does by itself when its client stays broken
+        assert src.health()["client_restarts"] == 1
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.0:
+            assert src.poll(0.2) == []  # the new client is paused too
+        src.resume()
+        part2 = consume(src, 60)
+        assert_quiet(src, 0.5)
+        assert src.lag() == {0: 0}
+    assert [m.offset for m in part1 + part2] == list(range(100))
+
+
+def test_a_stalled_client_is_rebuilt(broker: str, topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    produce(broker, topic, records(50))
+    with source(broker, topic, f"g-{topic}", stall_timeout_s=1.0, probe_interval_s=0.2) as src:
+        part1 = consume(src, 10)
+        # the client silently stops delivering, although records wait: the source must notice
+        monkeypatch.setattr(src._consumer, "poll", lambda *args, **kwargs: {})
+        part2 = consume(src, 40, timeout_s=30)
+        assert src.health()["client_restarts"] == 1
+        assert src.connected
+    assert [m.offset for m in part1 + part2] == list(range(50))
