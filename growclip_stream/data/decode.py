@@ -1,0 +1,425 @@
+"""Parallel decode and validation of stream messages, on ``torchdata.nodes``.
+
+:class:`DecodePipeline` takes messages and hands back :class:`Routed` items (the message, where it
+goes, and its sample or :class:`RecordError`) exactly as the sequential
+``pipeline.route(decoder, msg, holdout_fraction)`` would, in arrival order, with the decode spread
+over worker threads or processes:
+
+    submit ─► feed ─► IterableWrapper ─► ParallelMapper(route, num_workers, method)
+           ─► [PinMemory] ─► Prefetcher ─► collector thread ─► take()
+
+- **Determinism**: with ``in_order=True`` (the default) the output is the same, item for item and
+  in the same order, whatever ``num_workers`` and ``method``: ``route`` is a pure function of the
+  message and the held-out split is ``is_held_out(id)``, a stable hash. With ``in_order=False``
+  items come out as they finish; only the set is the same.
+- **Bounded memory, backpressure to the consumer**: at most ``max_in_flight`` messages are inside
+  the pipeline (submitted and not taken). :meth:`DecodePipeline.room` says how many more fit; the
+  online loop polls the source for at most that many and pauses the source while it is 0 (see
+  ``KafkaSource.pause``), so a slow trainer slows the consumer instead of growing a queue.
+- **Threads or processes**: decoding is PIL and torch work, which mostly releases the GIL, plus
+  JSON and base64 parsing, which does not. ``method="process"`` runs the decode in worker
+  processes (``multiprocessing_context``, default ``forkserver``: never fork a process that runs
+  Kafka client threads); messages go to the workers as bytes and images come back as numpy
+  arrays (pickled inline, no shared-memory file per tensor). The default, :data:`DEFAULT_METHOD`,
+  is the one measured faster on our 2-core machines (``bench/ingest.py``, ``bench/README.md``).
+- **pin_memory**: set it when the trainer's device is CUDA; images then come out in page-locked
+  memory (torchdata's ``PinMemory`` node), so ``tensor.to("cuda", non_blocking=True)`` copies
+  asynchronously. It needs a CUDA build of torch and a GPU; it is not exercised by the CPU tests.
+- **Shutdown**: :meth:`DecodePipeline.close` (or leaving the ``with`` block) drops what was not
+  decoded yet, stops and joins every thread and worker process. An exception other than
+  ``RecordError`` raised while decoding (a bug, not a bad record) is re-raised by ``take``.
+
+Two ways to use it:
+
+- streaming, for the online loop: :meth:`~DecodePipeline.submit` what ``poll`` returned (at most
+  :meth:`~DecodePipeline.room`), then :meth:`~DecodePipeline.take` what is ready (non-blocking
+  with ``timeout_s=0``); the decode overlaps the training step;
+- :meth:`~DecodePipeline.map` over an iterable: a generator of routed items, pulling from the
+  iterable in the caller's thread (so an iterable that polls a Kafka consumer stays on one thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Generic, Literal, TypeVar
+
+import numpy as np
+import torch
+import torchdata.nodes as tn
+
+from growclip_stream.data.pipeline import Decoder, RawMessage, Sample, route
+from growclip_stream.data.records import RecordError
+
+log = logging.getLogger(__name__)
+
+Method = Literal["thread", "process"]
+
+DEFAULT_METHOD: Method = "thread"
+"""Measured faster here (2 cores, ~2 KB and ~20 KB images): see ``bench/README.md``."""
+
+M = TypeVar("M", bound=RawMessage)
+
+_SUBMIT_CHUNK = 64  # map(): messages pulled from the iterable per submit
+_JOIN_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Routed(Generic[M]):
+    """One message and where it goes: ``status`` is ``"trained"``, ``"held_out"`` or the
+    :class:`RecordError` reason; ``result`` the sample, or the error for the dead letter."""
+
+    message: M
+    status: str
+    result: Sample | RecordError
+
+    @property
+    def sample(self) -> Sample | None:
+        return self.result if isinstance(self.result, Sample) else None
+
+    @property
+    def error(self) -> RecordError | None:
+        return self.result if isinstance(self.result, RecordError) else None
+
+
+@dataclass(frozen=True)
+class _Payload:
+    """What a worker needs of a message (a RawMessage), without the rest of it."""
+
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+
+
+# (sequence number, status, payload): payload is (id, image, caption) or (reason, detail)
+_WorkerOut = tuple[int, str, tuple[Any, ...]]
+_WorkItem = tuple[int, bytes, tuple[tuple[str, bytes], ...]]  # (sequence number, value, headers)
+
+
+class _RouteWorker:
+    """The function the workers run: ``route`` on each message of a chunk. Picklable, for
+    process workers."""
+
+    def __init__(self, decoder: Decoder, holdout_fraction: float, to_numpy: bool) -> None:
+        self.decoder = decoder
+        self.holdout_fraction = holdout_fraction
+        self.to_numpy = to_numpy
+
+    def __call__(self, chunk: list[_WorkItem]) -> list[_WorkerOut]:
+        return [self._one(item) for item in chunk]
+
+    def _one(self, item: _WorkItem) -> _WorkerOut:
+        seq, value, headers = item
+        status, result = route(self.decoder, _Payload(value, headers), self.holdout_fraction)
+        if isinstance(result, RecordError):  # the exception itself does not survive pickling
+            return seq, status, (result.reason, result.detail)
+        image: Any = result.image.numpy() if self.to_numpy else result.image
+        return seq, status, (result.id, image, result.caption)
+
+
+def _images_to_tensors(chunk: list[_WorkerOut]) -> list[_WorkerOut]:
+    out = []
+    for seq, status, payload in chunk:
+        if len(payload) == 3 and isinstance(payload[1], np.ndarray):
+            payload = (payload[0], torch.from_numpy(payload[1]), payload[2])
+        out.append((seq, status, payload))
+    return out
+
+
+class _Feed:
+    """The pipeline's input: a queue the reader thread iterates in chunks; ends once closed and
+    empty. A chunk is what is queued when the reader asks, split across the workers and capped
+    at ``max_chunk``: one message when they trickle in, bigger chunks under load, which spreads
+    the per-item cost of the queues between threads or processes over many messages."""
+
+    def __init__(self, num_workers: int, max_chunk: int) -> None:
+        self._items: deque[_WorkItem] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._workers = max(1, num_workers)
+        self._max_chunk = max_chunk
+
+    def put(self, items: Iterable[_WorkItem]) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the decode pipeline is closed")
+            self._items.extend(items)
+            self._cond.notify()
+
+    def close(self, discard: bool) -> None:
+        with self._cond:
+            self._closed = True
+            if discard:
+                self._items.clear()
+            self._cond.notify_all()
+
+    def __iter__(self) -> Iterator[list[_WorkItem]]:
+        return self
+
+    def __next__(self) -> list[_WorkItem]:
+        with self._cond:
+            while not self._items:
+                if self._closed:
+                    raise StopIteration
+                self._cond.wait(0.1)
+            queued = len(self._items)
+            n = min(self._max_chunk, max(1, -(-queued // self._workers)))
+            return [self._items.popleft() for _ in range(n)]
+
+
+class DecodePipeline(Generic[M]):
+    """Decodes, validates and routes messages in parallel; see the module docstring.
+
+    Args:
+        decoder: message -> Sample, raising RecordError (``pipeline.Decoder``).
+        holdout_fraction: fraction of records (by id hash) routed to ``"held_out"``.
+        num_workers: decode workers; 0 decodes in the pipeline's own thread.
+        method: ``"thread"`` or ``"process"`` workers.
+        prefetch: decoded chunks (up to ``max_chunk`` messages each) the Prefetcher stage holds
+            ahead of the collector; memory is bounded by ``max_in_flight`` in any case.
+        in_order: items come out in arrival order (deterministic); False: as they finish.
+        pin_memory: page-locked images for asynchronous copies to CUDA (needs a GPU).
+        max_in_flight: most messages inside the pipeline (submitted and not taken).
+        multiprocessing_context: start method for process workers.
+        max_chunk: most messages a worker takes at once (see ``_Feed``).
+    """
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        holdout_fraction: float,
+        num_workers: int = 2,
+        method: Method = DEFAULT_METHOD,
+        prefetch: int = 4,
+        in_order: bool = True,
+        *,
+        pin_memory: bool = False,
+        pin_memory_device: str = "",
+        max_in_flight: int = 1024,
+        multiprocessing_context: str = "forkserver",
+        max_chunk: int = 32,
+    ) -> None:
+        if not 0.0 <= holdout_fraction <= 1.0:
+            raise ValueError(f"holdout_fraction must be in [0, 1], got {holdout_fraction}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if method not in ("thread", "process"):
+            raise ValueError(f"method must be 'thread' or 'process', got {method!r}")
+        if prefetch < 1 or max_in_flight < 1 or max_chunk < 1:
+            raise ValueError("prefetch, max_in_flight and max_chunk must be >= 1")
+        if multiprocessing_context not in multiprocessing.get_all_start_methods():
+            raise ValueError(f"unknown multiprocessing context {multiprocessing_context!r}")
+        self.decoder = decoder
+        self.holdout_fraction = holdout_fraction
+        self.num_workers = num_workers
+        self.method: Method = method
+        self.prefetch = prefetch
+        self.in_order = in_order
+        self.pin_memory = pin_memory
+        self.pin_memory_device = pin_memory_device
+        self.max_in_flight = max_in_flight
+        self.multiprocessing_context = multiprocessing_context
+        self.max_chunk = max_chunk
+
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._messages: dict[int, M] = {}  # submitted, not taken: seq -> message
+        self._out: deque[tuple[int, str, tuple[Any, ...]]] = deque()
+        self._seq = 0
+        self._error: BaseException | None = None
+        self._finished = False  # the collector saw the end of the stream
+        self._closed = False
+        self._feed = _Feed(num_workers, max_chunk)
+        self._node: tn.BaseNode[list[_WorkerOut]] | None = None
+        self._collector: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts the workers (``submit`` does it on first use; call it to pay the start-up early:
+        process workers import torch, which takes seconds)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the decode pipeline is closed")
+            if self._collector is not None:
+                return
+            self._node = self._build()
+            self._collector = threading.Thread(target=self._collect, name="decode-collector", daemon=True)
+            self._collector.start()
+
+    def _build(self) -> tn.BaseNode[list[_WorkerOut]]:
+        to_numpy = self.method == "process" and self.num_workers > 0
+        node: tn.BaseNode[Any] = tn.IterableWrapper(self._feed)
+        node = tn.ParallelMapper(
+            node,
+            _RouteWorker(self.decoder, self.holdout_fraction, to_numpy),
+            num_workers=self.num_workers,
+            in_order=self.in_order,
+            method=self.method,
+            multiprocessing_context=self.multiprocessing_context if self.method == "process" else None,
+            snapshot_frequency=0,  # no checkpointing of this node: positions live in the source
+        )
+        if to_numpy:
+            node = tn.Mapper(node, _images_to_tensors)
+        if self.pin_memory:
+            node = tn.PinMemory(node, pin_memory_device=self.pin_memory_device, snapshot_frequency=0)
+        return tn.Prefetcher(node, prefetch_factor=self.prefetch, snapshot_frequency=0)
+
+    def _collect(self) -> None:
+        node = self._node
+        assert node is not None
+        try:
+            for chunk in node:
+                with self._ready:
+                    if not self._closed:
+                        self._out.extend(chunk)
+                    self._ready.notify_all()
+        except BaseException as e:  # re-raised by take(): a bug in decoding, not a bad record
+            with self._ready:
+                self._error = e
+                self._ready.notify_all()
+        finally:
+            with self._ready:
+                self._finished = True
+                self._ready.notify_all()
+
+    def close(self) -> None:
+        """Drops what was not decoded yet, then stops and joins every thread and worker. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._out.clear()
+            self._messages.clear()
+        self._feed.close(discard=True)
+        collector, self._collector = self._collector, None
+        if collector is not None:
+            collector.join(_JOIN_TIMEOUT_S)
+            if collector.is_alive():
+                log.error("decode collector did not stop", extra={"timeout_s": _JOIN_TIMEOUT_S})
+        if self._node is not None:
+            _shutdown_nodes(self._node)
+            self._node = None
+
+    def __enter__(self) -> DecodePipeline[M]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- streaming --------------------------------------------------------------------------------
+
+    def in_flight(self) -> int:
+        """Messages submitted and not taken yet."""
+        with self._lock:
+            return len(self._messages)
+
+    def room(self) -> int:
+        """How many more messages :meth:`submit` accepts now."""
+        return max(0, self.max_in_flight - self.in_flight())
+
+    def submit(self, messages: Sequence[M]) -> None:
+        """Queues messages for decoding. Raises if they do not fit in :meth:`room`: the caller
+        polls at most that many (and pauses its source while there is no room)."""
+        if not messages:
+            return
+        self.start()
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            if len(self._messages) + len(messages) > self.max_in_flight:
+                raise OverflowError(
+                    f"{len(messages)} messages do not fit: {len(self._messages)} in flight, "
+                    f"max_in_flight={self.max_in_flight}"
+                )
+            items = []
+            for msg in messages:
+                seq = self._seq
+                self._seq += 1
+                self._messages[seq] = msg
+                items.append((seq, msg.value, tuple(msg.headers)))
+        self._feed.put(items)
+
+    def take(self, max_items: int | None = None, timeout_s: float = 0.0) -> list[Routed[M]]:
+        """Routed items ready now (at most ``max_items``), in arrival order when ``in_order``.
+
+        Waits up to ``timeout_s`` for the first one when none is ready and some are in flight;
+        ``timeout_s=0`` never blocks. Re-raises an unexpected decode exception.
+        """
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        with self._ready:
+            while not self._out:
+                if self._error is not None:
+                    raise self._error
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._messages or self._finished:
+                    return []
+                self._ready.wait(remaining)
+            n = len(self._out) if max_items is None else min(max_items, len(self._out))
+            raw = [self._out.popleft() for _ in range(n)]
+            messages = [self._messages.pop(seq) for seq, _, _ in raw]
+        return [
+            _routed(msg, status, payload) for msg, (_, status, payload) in zip(messages, raw, strict=True)
+        ]
+
+    # -- one-shot ---------------------------------------------------------------------------------
+
+    def map(self, messages: Iterable[M]) -> Iterator[Routed[M]]:
+        """Routed items for ``messages``, pulled from the iterable in the caller's thread as room
+        frees up (at most ``max_in_flight`` ahead). Sequential calls may reuse the pipeline."""
+        it = iter(messages)
+        exhausted = False
+        while True:
+            room = self.room()
+            if not exhausted and room > 0:
+                chunk = list(islice(it, min(room, _SUBMIT_CHUNK)))
+                if chunk:
+                    self.submit(chunk)
+                if len(chunk) < min(room, _SUBMIT_CHUNK):
+                    exhausted = True
+                yield from self.take()  # what is ready; keep feeding
+                continue
+            if exhausted and self.in_flight() == 0:
+                return
+            yield from self.take(timeout_s=0.1)
+
+
+def _routed(message: M, status: str, payload: tuple[Any, ...]) -> Routed[M]:
+    if len(payload) == 2:
+        reason, detail = payload
+        return Routed(message, status, RecordError(reason, detail))
+    sample_id, image, caption = payload
+    return Routed(message, status, Sample(sample_id, image, caption))
+
+
+def _shutdown_nodes(node: tn.BaseNode[Any]) -> None:
+    """Stops the threads and worker processes of a node chain now rather than at garbage
+    collection. torchdata 0.11 has no public shutdown: each node's running iterator has a
+    ``_shutdown()`` (joins its threads and processes); worker processes still alive after it are
+    terminated."""
+    seen: set[int] = set()
+    stack: list[Any] = [node]
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        shutdown = getattr(obj, "_shutdown", None)
+        if callable(shutdown):
+            try:
+                shutdown()
+            except Exception as e:
+                log.warning(
+                    "decode node shutdown failed", extra={"node": type(obj).__name__, "error": repr(e)}
+                )
+            for worker in getattr(obj, "_workers", ()):
+                if isinstance(worker, multiprocessing.process.BaseProcess) and worker.is_alive():
+                    worker.terminate()
+                    worker.join(1.0)
+        for attr in ("_it", "source"):
+            stack.append(getattr(obj, attr, None))

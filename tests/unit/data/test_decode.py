@@ -1,0 +1,199 @@
+"""DecodePipeline: the same routed output as sequential route(), in order, for any worker setup."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import multiprocessing
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from growclip_stream.data.decode import DecodePipeline, Routed
+from growclip_stream.data.images import ImageTransform
+from growclip_stream.data.pipeline import Decoder, Sample, route
+from growclip_stream.data.records import Record, RecordError, RecordLimits, encode_binary, encode_json
+
+LIMITS = RecordLimits(max_image_pixels=10_000, max_image_side=200)
+DECODER = Decoder(ImageTransform(size=16, channels=1), LIMITS)
+HOLDOUT = 0.2
+
+
+@dataclass(frozen=True)
+class Msg:
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def image(seed: int, size: int = 24, fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(size, size), dtype=np.uint8), mode="L").save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def mixed_messages(n: int) -> list[Msg]:
+    """Good JSON and binary records, interleaved with every kind of bad one."""
+    bad_png = image(0)
+    bad = [
+        Msg(b"\xff\xfe not utf-8"),
+        Msg(b"{not json"),
+        Msg(b"[1, 2]"),
+        Msg(json.dumps({"id": "x", "caption": "c"}).encode()),  # missing image
+        Msg(json.dumps({"id": "x", "caption": "  ", "image": base64.b64encode(bad_png).decode()}).encode()),
+        Msg(json.dumps({"id": "x", "caption": "c", "image": "!!!"}).encode()),
+        Msg(encode_json(Record("x", "c", b"GIF89a not supported"))),
+        Msg(encode_json(Record("x", "c", bad_png[: len(bad_png) // 2]))),  # truncated
+        Msg(encode_json(Record("x", "c", image(1, size=300)))),  # over the pixel limits
+        Msg(bad_png, (("id", b"x"), ("caption", b"c"), ("content-type", b"image/gif"))),
+    ]
+    out: list[Msg] = []
+    for i in range(n):
+        rec = Record(f"rec-{i:04d}", f"caption {i}", image(i, fmt="PNG" if i % 3 else "JPEG"))
+        if i % 2:
+            value, headers = encode_binary(rec, "image/png" if i % 3 else "image/jpeg")
+            out.append(Msg(value, tuple(headers)))
+        else:
+            out.append(Msg(encode_json(rec)))
+        if i % 5 == 0:
+            out.append(bad[(i // 5) % len(bad)])
+    return out
+
+
+def assert_same(got: list[Routed[Msg]], messages: list[Msg]) -> None:
+    assert len(got) == len(messages)
+    for item, msg in zip(got, messages, strict=True):
+        assert item.message is msg
+        status, result = route(DECODER, msg, HOLDOUT)
+        assert item.status == status
+        if isinstance(result, RecordError):
+            assert isinstance(item.result, RecordError) and item.error is item.result and item.sample is None
+            assert (item.result.reason, item.result.detail) == (result.reason, result.detail)
+        else:
+            assert isinstance(item.result, Sample) and item.sample is item.result and item.error is None
+            assert (item.result.id, item.result.caption) == (result.id, result.caption)
+            assert item.result.image.dtype == torch.float32
+            assert torch.equal(item.result.image, result.image)
+
+
+def test_reference_mix_covers_every_route() -> None:
+    statuses = {route(DECODER, m, HOLDOUT)[0] for m in mixed_messages(120)}
+    assert {"trained", "held_out"} <= statuses
+    assert {
+        "bad_utf8",
+        "bad_json",
+        "wrong_type",
+        "missing_field",
+        "empty_caption",
+        "bad_base64",
+        "not_an_image",
+        "truncated_image",
+        "decompression_bomb",
+        "bad_content_type",
+    } <= statuses
+
+
+@pytest.mark.parametrize(
+    ("num_workers", "method"), [(0, "thread"), (1, "thread"), (3, "thread"), (1, "process"), (2, "process")]
+)
+def test_map_matches_sequential_route(num_workers: int, method: str) -> None:
+    messages = mixed_messages(120)
+    with DecodePipeline[Msg](
+        DECODER,
+        HOLDOUT,
+        num_workers=num_workers,
+        method=method,
+        prefetch=4,
+        max_in_flight=16,  # type: ignore[arg-type]
+    ) as pipe:
+        got = list(pipe.map(messages))
+        assert pipe.in_flight() == 0
+        assert_same(got, messages)
+        again = list(pipe.map(messages[:10]))  # the pipeline is reusable
+        assert_same(again, messages[:10])
+
+
+def test_streaming_submit_take_bounded_in_flight() -> None:
+    messages = mixed_messages(60)
+    got: list[Routed[Msg]] = []
+    with DecodePipeline[Msg](DECODER, HOLDOUT, num_workers=2, max_in_flight=8) as pipe:
+        assert pipe.take() == [] and pipe.room() == 8
+        i = 0
+        peak = 0
+        while len(got) < len(messages):
+            room = pipe.room()
+            chunk = messages[i : i + min(room, 5)]
+            pipe.submit(chunk)
+            i += len(chunk)
+            peak = max(peak, pipe.in_flight())
+            got.extend(pipe.take(max_items=3, timeout_s=1.0))
+        assert peak <= 8
+        with pytest.raises(OverflowError):
+            pipe.submit(messages[:9])
+        assert pipe.take(timeout_s=0.05) == []  # nothing in flight: returns at once
+    assert_same(got, messages)
+
+
+def test_out_of_order_returns_the_same_set() -> None:
+    messages = mixed_messages(40)
+    with DecodePipeline[Msg](DECODER, HOLDOUT, num_workers=3, in_order=False) as pipe:
+        got = list(pipe.map(messages))
+    by_msg = {id(r.message): r for r in got}
+    assert len(by_msg) == len(messages)
+    assert_same([by_msg[id(m)] for m in messages], messages)
+
+
+def test_unexpected_decode_errors_are_raised_not_swallowed() -> None:
+    class Exploding(Decoder):
+        def __call__(self, msg):  # type: ignore[no-untyped-def]
+            if msg.value == b"boom":
+                raise ZeroDivisionError("a bug, not a bad record")
+            return super().__call__(msg)
+
+    messages = [*mixed_messages(3), Msg(b"boom"), *mixed_messages(3)]
+    with (
+        DecodePipeline[Msg](Exploding(DECODER.transform, LIMITS), HOLDOUT, num_workers=2) as pipe,
+        pytest.raises(ZeroDivisionError),
+    ):
+        list(pipe.map(messages))
+
+
+def _worker_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t is not threading.main_thread()}
+
+
+@pytest.mark.parametrize("method", ["thread", "process"])
+def test_close_leaves_no_worker(method: str) -> None:
+    before_threads = _worker_threads()
+    before_children = set(multiprocessing.active_children())
+    pipe = DecodePipeline[Msg](DECODER, HOLDOUT, num_workers=2, method=method, max_in_flight=64)  # type: ignore[arg-type]
+    pipe.start()
+    pipe.submit(mixed_messages(50))
+    pipe.take(max_items=5, timeout_s=10)  # some done, more in flight
+    assert pipe.in_flight() > 0
+    pipe.close()
+    pipe.close()  # idempotent
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (
+        _worker_threads() - before_threads or set(multiprocessing.active_children()) - before_children
+    ):
+        time.sleep(0.05)
+    assert _worker_threads() - before_threads == set()
+    assert set(multiprocessing.active_children()) - before_children == set()
+    with pytest.raises(RuntimeError, match="closed"):
+        pipe.submit(mixed_messages(1))
+
+
+def test_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="method"):
+        DecodePipeline(DECODER, HOLDOUT, method="fiber")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="holdout"):
+        DecodePipeline(DECODER, 1.5)
+    with pytest.raises(ValueError, match="num_workers"):
+        DecodePipeline(DECODER, HOLDOUT, num_workers=-1)
