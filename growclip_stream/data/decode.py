@@ -45,7 +45,7 @@ import multiprocessing
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Generic, Literal, TypeVar
@@ -387,6 +387,43 @@ class DecodePipeline(Generic[M]):
             if exhausted and self.in_flight() == 0:
                 return
             yield from self.take(timeout_s=0.1)
+
+
+class SettledStates:
+    """Which source state is settled while messages are still inside a decode pipeline.
+
+    A checkpoint may only record, and Kafka may only be given, positions up to which every
+    record is settled (trained, held out or dead-lettered). With a pipeline, ``source.state_dict()``
+    right after a poll also covers messages still being decoded. Record it with
+    :meth:`submitted` after each poll's messages went in; report with :meth:`taken` how many
+    routed items came out. Items come out in the order they went in (``in_order=True``), so a
+    recorded state is settled once as many items were taken as had been submitted when it was
+    recorded, and the samples taken are no longer pending (trained). :meth:`settled` returns the
+    latest such state; call it when the batcher is empty. Source-agnostic: the states are opaque.
+    """
+
+    def __init__(self, initial: Mapping[str, Any]) -> None:
+        self._submitted = 0
+        self._taken = 0
+        self._states: deque[tuple[int, dict[str, Any]]] = deque()
+        self._settled: dict[str, Any] = dict(initial)
+
+    def submitted(self, count: int, state: Mapping[str, Any]) -> None:
+        """``count`` messages went into the pipeline; ``state`` is the source's state after them."""
+        self._submitted += count
+        self._states.append((self._submitted, dict(state)))
+
+    def taken(self, count: int) -> None:
+        """``count`` routed items came out of the pipeline."""
+        self._taken += count
+        if self._taken > self._submitted:
+            raise ValueError(f"{self._taken} items taken but only {self._submitted} submitted")
+
+    def settled(self) -> dict[str, Any]:
+        """The latest recorded state all of whose messages were taken (the initial one before)."""
+        while self._states and self._states[0][0] <= self._taken:
+            self._settled = self._states.popleft()[1]
+        return self._settled
 
 
 def _routed(message: M, status: str, payload: tuple[Any, ...]) -> Routed[M]:

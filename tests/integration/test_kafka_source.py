@@ -11,7 +11,10 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from growclip_stream.data.decode import DecodePipeline, Routed, SettledStates
+from growclip_stream.data.images import ImageTransform
 from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, KafkaSourceConfig, Message
+from growclip_stream.data.pipeline import Decoder
 from growclip_stream.data.produce import ensure_topics, produce
 from growclip_stream.data.records import Record, RecordLimits, decode_message
 
@@ -400,3 +403,41 @@ def test_a_stalled_client_is_rebuilt(broker: str, topic: str, monkeypatch: pytes
         assert src.health()["client_restarts"] == 1
         assert src.connected
     assert [m.offset for m in part1 + part2] == list(range(50))
+
+
+def test_source_feeds_the_decode_pipeline_with_backpressure(broker: str, topic: str) -> None:
+    """The online loop's ingest: poll at most what the pipeline has room for, pause the source
+    while it has none; every record comes out once, in order, and the settled state follows."""
+    produce(broker, topic, records(300))
+    decoder = Decoder(ImageTransform(size=8, channels=1), LIMITS)
+    routed: list[Routed[Message]] = []
+    paused_polls = 0
+    with (
+        source(broker, topic, f"g-{topic}") as src,
+        DecodePipeline[Message](decoder, 0.1, num_workers=2, max_in_flight=32) as pipe,
+    ):
+        ledger = SettledStates(src.state_dict())
+        deadline = time.monotonic() + 30
+        while len(routed) < 300:
+            assert time.monotonic() < deadline, f"routed {len(routed)} of 300"
+            room = pipe.room()
+            if room == 0 and not src.paused:
+                src.pause()
+            elif room > 0 and src.paused:
+                src.resume()
+            msgs = src.poll(0.05, max_records=max(1, min(room, 50)))
+            if src.paused:
+                assert msgs == []
+                paused_polls += 1
+            pipe.submit(msgs)
+            ledger.submitted(len(msgs), src.state_dict())
+            out = pipe.take(max_items=10, timeout_s=0.01)  # a consumer slower than the source
+            ledger.taken(len(out))
+            routed += out
+            assert pipe.in_flight() <= 32
+        assert_quiet(src, 0.5)
+        assert paused_polls > 0
+        assert ledger.settled() == src.state_dict() == {"topic": topic, "positions": {"0": 300}}
+    assert [r.message.offset for r in routed] == list(range(300))
+    assert {r.status for r in routed} <= {"trained", "held_out"}
+    assert ids([r.message for r in routed]) == [f"rec-{i:05d}" for i in range(300)]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from growclip_stream.data.decode import DecodePipeline, Routed
+from growclip_stream.data.decode import DecodePipeline, Routed, SettledStates
 from growclip_stream.data.images import ImageTransform
 from growclip_stream.data.pipeline import Decoder, Sample, route
 from growclip_stream.data.records import Record, RecordError, RecordLimits, encode_binary, encode_json
@@ -197,3 +197,19 @@ def test_rejects_bad_arguments() -> None:
         DecodePipeline(DECODER, 1.5)
     with pytest.raises(ValueError, match="num_workers"):
         DecodePipeline(DECODER, HOLDOUT, num_workers=-1)
+
+
+def test_settled_states_follow_what_came_out_of_the_pipeline() -> None:
+    ledger = SettledStates({"positions": {}})
+    ledger.submitted(3, {"positions": {"0": 3}})
+    ledger.submitted(2, {"positions": {"0": 5}})
+    assert ledger.settled() == {"positions": {}}  # nothing out yet
+    ledger.taken(2)
+    assert ledger.settled() == {"positions": {}}  # the first poll's third message is still inside
+    ledger.taken(1)
+    assert ledger.settled() == {"positions": {"0": 3}}
+    ledger.submitted(0, {"positions": {"0": 5}})  # an empty poll
+    ledger.taken(2)
+    assert ledger.settled() == {"positions": {"0": 5}}
+    with pytest.raises(ValueError, match="taken"):
+        ledger.taken(1)
