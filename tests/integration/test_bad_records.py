@@ -3,11 +3,6 @@ one in the dead letter with its reason, the daemon alive and serving throughout.
 
 from __future__ import annotations
 
-import json
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,22 +15,21 @@ from growclip_stream.data.datasets import iter_records
 from growclip_stream.data.kafka_source import KafkaSource, KafkaSourceConfig
 from growclip_stream.data.produce import make_producer
 from growclip_stream.data.records import encode_json
+from tests.helpers import Daemon
 from tests.unit.data.test_records import BAD_INPUTS
 
-DAEMON = [sys.executable, "-m", "growclip_daemon.cli"]
 GOOD = 1000
 COPIES = 2  # of each kind of bad record
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def ingest_counts(client: httpx.Client) -> Counter[str]:
+def ingest_counts(daemon: Daemon) -> Counter[str]:
+    """Records routed so far, by status, from the daemon's metrics."""
     out: Counter[str] = Counter()
-    for family in text_string_to_metric_families(client.get("/metrics").text):
+    try:
+        text = daemon.client.get("/metrics").text
+    except httpx.HTTPError:
+        return out
+    for family in text_string_to_metric_families(text):
         if family.name == "growclip_ingest_records":
             for s in family.samples:
                 if s.name.endswith("_total"):
@@ -65,47 +59,31 @@ def test_bad_records_are_dead_lettered_and_good_ones_trained(tmp_path: Path, bro
     total = GOOD + len(sent_bad)
     assert len(sent_bad) == len(kinds) * COPIES
 
-    port = free_port()
-    args = [
-        "start",
-        "--set", f"kafka.bootstrap={broker}",
-        "--set", f"kafka.topic={topic}",
-        "--set", "kafka.session_timeout_ms=3000",
-        "--set", "kafka.heartbeat_interval_ms=500",
-        "--set", f"serve.port={port}",
-        "--set", f"pidfile={tmp_path / 'pid'}",
-        "--set", f"checkpoint.root={tmp_path / 'ckpt'}",
-        "--set", "growth.enabled=false",
-        "--set", "train.batch_size=64",
-        "--set", "loop.holdout_fraction=0.05",
-    ]  # fmt: skip
-    log = (tmp_path / "daemon.log").open("w")
-    proc = subprocess.Popen(DAEMON + args, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    daemon = Daemon(
+        tmp_path,
+        f"kafka.bootstrap={broker}",
+        f"kafka.topic={topic}",
+        "kafka.session_timeout_ms=3000",
+        "kafka.heartbeat_interval_ms=500",
+        "growth.enabled=false",
+        "train.batch_size=64",
+        "loop.holdout_fraction=0.05",
+    )
     try:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-        deadline = time.monotonic() + 180
-        counts: Counter[str] = Counter()
-        while sum(counts.values()) < total:
-            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (
-                f"only {sum(counts.values())} of {total} records routed: {counts}"
-            )
-            time.sleep(1)
-            try:
-                counts = ingest_counts(client)
-            except httpx.HTTPError:
-                continue
-        assert counts["trained"] + counts["held_out"] == GOOD
-        assert {r: n for r, n in counts.items() if r not in ("trained", "held_out")} == dict.fromkeys(
-            kinds, COPIES
+        counts = daemon.wait_for(
+            lambda: (c := ingest_counts(daemon)) and sum(c.values()) >= total and c,
+            180,
+            f"{total} records routed",
         )
+        assert sum(counts.values()) == total
+        assert counts["trained"] + counts["held_out"] == GOOD
+        bad_counts = {r: n for r, n in counts.items() if r not in ("trained", "held_out")}
+        assert bad_counts == dict.fromkeys(kinds, COPIES)
         # still alive and serving
-        assert client.get("/healthz").status_code == 200
-        assert client.post("/v1/embeddings", json={"input": ["a photo of a bag"]}).status_code == 200
+        assert daemon.client.get("/healthz").status_code == 200
+        assert daemon.client.post("/v1/embeddings", json={"input": ["a photo of a bag"]}).status_code == 200
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=90)
-    assert code == 0
+        assert daemon.stop() == 0, daemon.log_tail()
 
     # every bad record is in the dead letter, with its reason and its original bytes
     dlq_cfg = KafkaSourceConfig(
@@ -122,6 +100,4 @@ def test_bad_records_are_dead_lettered_and_good_ones_trained(tmp_path: Path, bro
     assert seen == sent_bad
 
     # the final checkpoint holds exactly the trained good records (a lone leftover waits for the next run)
-    latest = (tmp_path / "ckpt" / "LATEST").read_text().strip()
-    manifest = json.loads((tmp_path / "ckpt" / latest / "manifest.json").read_text())
-    assert manifest["samples"] in (counts["trained"], counts["trained"] - 1)
+    assert daemon.manifest()["samples"] in (counts["trained"], counts["trained"] - 1)

@@ -5,22 +5,16 @@ import torch
 
 from growclip_stream.checkpoint import Checkpointer, CheckpointError, restore_optimizer
 from growclip_stream.growth.operators import GrowthOp, apply_op
-from growclip_stream.model import ArchConfig, GrowCLIP, TowerConfig
+from growclip_stream.model import GrowCLIP
 from growclip_stream.train.config import TrainConfig
 from growclip_stream.train.trainer import Batch, OnlineTrainer, build_optimizer
-
-
-def tiny() -> ArchConfig:
-    t = TowerConfig(width=16, depth=1, mlp_hidden=32, head_dim=8)
-    return ArchConfig(
-        image=t, text=t, shared=TowerConfig(width=16, depth=0, mlp_hidden=32, head_dim=8), embed_dim=16
-    )
+from tests.helpers import tiny_arch
 
 
 def trained_grown_trainer() -> OnlineTrainer:
     torch.manual_seed(0)
     trainer = OnlineTrainer(
-        apply_op(GrowCLIP(tiny()), GrowthOp.parse("deepen:text+1")), TrainConfig(batch_size=8)
+        apply_op(GrowCLIP(tiny_arch()), GrowthOp.parse("deepen:text+1")), TrainConfig(batch_size=8)
     )
     g = torch.Generator().manual_seed(1)
     batch = Batch(

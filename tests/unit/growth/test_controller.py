@@ -4,16 +4,9 @@ import torch
 from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.growth.controller import GrowthController, ScheduledPolicy
 from growclip_stream.growth.triggers import DataVolumeTrigger, TriggerState
-from growclip_stream.model import ArchConfig, GrowCLIP, TowerConfig
+from growclip_stream.model import GrowCLIP
 from growclip_stream.train.config import TrainConfig
-from growclip_stream.train.trainer import Batch
-
-
-def small_arch() -> ArchConfig:
-    t = TowerConfig(width=16, depth=1, mlp_hidden=32, head_dim=8)
-    return ArchConfig(
-        image=t, text=t, shared=TowerConfig(width=16, depth=0, mlp_hidden=32, head_dim=8), embed_dim=16
-    )
+from tests.helpers import random_batches, tiny_arch
 
 
 def test_data_volume_trigger_scales_with_model_size() -> None:
@@ -32,7 +25,7 @@ def test_controller_grows_on_schedule_and_records_history() -> None:
         plan=("deepen:image+1", "deepen:text+1"),
     )
     ctrl = GrowthController(cfg)
-    model = GrowCLIP(small_arch())
+    model = GrowCLIP(tiny_arch())
     assert ctrl.due(samples=999, step=1, num_params=model.arch.num_params()) is None
     trigger = ctrl.due(samples=1000, step=1, num_params=model.arch.num_params())
     assert trigger == "data_volume"
@@ -51,7 +44,7 @@ def test_controller_grows_on_schedule_and_records_history() -> None:
 
 
 def test_policy_skips_operators_over_bounds() -> None:
-    arch = small_arch()
+    arch = tiny_arch()
     cap = arch.num_params() + 1  # nothing that adds parameters fits
     policy = ScheduledPolicy(GrowthConfig(max_params=cap, plan=("widen:image*2", "deepen:text+1")))
     assert policy.choose(GrowCLIP(arch)) is None
@@ -65,7 +58,7 @@ def test_policy_skips_operators_over_bounds() -> None:
 
 def test_policy_skips_operators_that_add_nothing() -> None:
     policy = ScheduledPolicy(GrowthConfig(plan=("widen_mlp:shared+8", "deepen:shared+1")))
-    choice = policy.choose(GrowCLIP(small_arch()))  # the shared encoder has no blocks yet
+    choice = policy.choose(GrowCLIP(tiny_arch()))  # the shared encoder has no blocks yet
     assert choice is not None and [str(o) for o in choice.ops] == ["deepen:shared+1"]
     assert "adds no parameters" in choice.candidates[0]["verdict"]
 
@@ -74,7 +67,7 @@ def test_max_growths_caps_history() -> None:
     ctrl = GrowthController(
         GrowthConfig(policy="plan", samples_per_param=0, min_interval_samples=1, max_growths=1)
     )
-    model = GrowCLIP(small_arch())
+    model = GrowCLIP(tiny_arch())
     assert ctrl.grow(model, trigger="t", step=1, samples=1) is not None
     assert ctrl.due(samples=10_000, step=1, num_params=model.arch.num_params()) is None
 
@@ -87,24 +80,12 @@ def test_growth_config_rejects_bad_plan() -> None:
 def test_grown_model_is_seeded_reproducibly() -> None:
     cfg = GrowthConfig(policy="plan", plan=("widen:image*2",), seed=3)
     torch.manual_seed(0)
-    base = GrowCLIP(small_arch())
+    base = GrowCLIP(tiny_arch())
     a = GrowthController(cfg).grow(base, trigger="t", step=0, samples=0)
     b = GrowthController(cfg).grow(base, trigger="t", step=0, samples=0)
     assert a is not None and b is not None
     for pa, pb in zip(a[0].parameters(), b[0].parameters(), strict=True):
         assert torch.equal(pa, pb)
-
-
-def batches(arch: ArchConfig, n: int, size: int = 8, seed: int = 0) -> list[Batch]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        Batch(
-            torch.randn(size, arch.channels, arch.image_size, arch.image_size, generator=g),
-            torch.randint(0, 256, (size, arch.context_length), generator=g),
-            tuple(f"{seed}-{i}-{j}" for j in range(size)),
-        )
-        for i in range(n)
-    ]
 
 
 def test_search_policy_scores_every_candidate_and_explains_the_choice() -> None:
@@ -115,13 +96,14 @@ def test_search_policy_scores_every_candidate_and_explains_the_choice() -> None:
     )  # fmt: skip
     phases: list[str] = []
     ctrl = GrowthController(cfg, TrainConfig(batch_size=8), on_phase=phases.append)
-    model = GrowCLIP(small_arch())
+    model = GrowCLIP(tiny_arch())
     assert (
-        ctrl.grow(model, trigger="t", step=1, samples=1, train_batches=iter(batches(model.arch, 3))) is None
+        ctrl.grow(model, trigger="t", step=1, samples=1, train_batches=iter(random_batches(model.arch, 3)))
+        is None
     )
     grown = ctrl.grow(
-        model, trigger="plateau", step=5, samples=40, train_batches=iter(batches(model.arch, 3)),
-        holdout_batches=batches(model.arch, 2, seed=9),
+        model, trigger="plateau", step=5, samples=40, train_batches=iter(random_batches(model.arch, 3)),
+        holdout_batches=random_batches(model.arch, 2, seed=9),
     )  # fmt: skip
     assert grown is not None
     new, event = grown
@@ -139,7 +121,7 @@ def test_plateau_trigger_fires_through_the_controller() -> None:
         samples_per_param=0, min_interval_samples=10**9, plateau_patience=20, plateau_smoothing=0.0
     )
     ctrl = GrowthController(cfg)
-    model = GrowCLIP(small_arch())
+    model = GrowCLIP(tiny_arch())
     for step in range(1, 40):
         ctrl.observe_step(model, 5.0 - 0.1 * step)  # falling fast: no plateau
         assert ctrl.due(samples=step, step=step, num_params=1) is None

@@ -1,29 +1,16 @@
 import torch
 
 from growclip_stream.growth.operators import GrowthOp, apply_op
-from growclip_stream.model import ArchConfig, GrowCLIP, TowerConfig
+from growclip_stream.model import GrowCLIP
 from growclip_stream.train.config import TrainConfig
-from growclip_stream.train.trainer import Batch, OnlineTrainer
-
-
-def tiny_arch() -> ArchConfig:
-    t = TowerConfig(width=16, depth=1, mlp_hidden=32, head_dim=8)
-    return ArchConfig(
-        image=t, text=t, shared=TowerConfig(width=16, depth=0, mlp_hidden=32, head_dim=8), embed_dim=16
-    )
-
-
-def fixed_batch(arch: ArchConfig, n: int = 16) -> Batch:
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(n, arch.channels, arch.image_size, arch.image_size, generator=g)
-    tokens = torch.randint(0, 256, (n, arch.context_length), generator=g)
-    return Batch(images=images, tokens=tokens, ids=tuple(f"r{i}" for i in range(n)))
+from growclip_stream.train.trainer import OnlineTrainer
+from tests.helpers import random_batches, tiny_arch
 
 
 def test_loss_falls_on_a_repeated_batch() -> None:
     torch.manual_seed(0)
     trainer = OnlineTrainer(GrowCLIP(tiny_arch()), TrainConfig(batch_size=16, lr=3e-3, warmup_steps=2))
-    batch = fixed_batch(trainer.model.arch)
+    batch = random_batches(trainer.model.arch, 1, size=16)[0]
     first = trainer.train_step(batch).loss
     for _ in range(40):
         last = trainer.train_step(batch).loss
@@ -34,7 +21,7 @@ def test_loss_falls_on_a_repeated_batch() -> None:
 def test_warmup_and_rewarm_after_swap() -> None:
     cfg = TrainConfig(batch_size=16, lr=1e-3, warmup_steps=4, rewarm_steps=2)
     trainer = OnlineTrainer(GrowCLIP(tiny_arch()), cfg)
-    batch = fixed_batch(trainer.model.arch)
+    batch = random_batches(trainer.model.arch, 1, size=16)[0]
     lrs = [trainer.train_step(batch).lr for _ in range(6)]
     assert lrs[:4] == [2.5e-4, 5e-4, 7.5e-4, 1e-3] and lrs[4:] == [1e-3, 1e-3]
     grown = apply_op(trainer.model, GrowthOp.parse("deepen:image+1"))
@@ -48,7 +35,7 @@ def test_warmup_and_rewarm_after_swap() -> None:
 
 def test_eval_loss_does_not_train() -> None:
     trainer = OnlineTrainer(GrowCLIP(tiny_arch()), TrainConfig(batch_size=16))
-    batch = fixed_batch(trainer.model.arch)
+    batch = random_batches(trainer.model.arch, 1, size=16)[0]
     before = [p.detach().clone() for p in trainer.model.parameters()]
     loss = trainer.eval_loss([batch, batch])
     assert loss is not None and loss > 0

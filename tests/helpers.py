@@ -1,0 +1,103 @@
+"""Small helpers the tests share: free ports, tiny architectures, random batches, daemon processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from growclip_stream.model import ArchConfig, TowerConfig
+from growclip_stream.train.trainer import Batch
+
+DAEMON = [sys.executable, "-m", "growclip_daemon.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tiny_arch(width: int = 16, shared_depth: int = 0) -> ArchConfig:
+    """A model small enough for unit tests (a few thousand parameters)."""
+    tower = TowerConfig(width=width, depth=1, mlp_hidden=2 * width, head_dim=8)
+    shared = TowerConfig(width=width, depth=shared_depth, mlp_hidden=2 * width, head_dim=8)
+    return ArchConfig(image=tower, text=tower, shared=shared, embed_dim=16)
+
+
+def random_batches(arch: ArchConfig, n: int, size: int = 8, seed: int = 0) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        Batch(
+            torch.randn(size, arch.channels, arch.image_size, arch.image_size, generator=g),
+            torch.randint(0, 256, (size, arch.context_length), generator=g),
+            tuple(f"{seed}-{i}-{j}" for j in range(size)),
+        )
+        for i in range(n)
+    ]
+
+
+class Daemon:
+    """`growclip-daemon start` as a child process, with its log, HTTP client and checkpoints."""
+
+    def __init__(self, tmp: Path, *settings: str, config: Path | None = None) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        args = ["start", *(["--config", str(config)] if config else [])]
+        defaults = [
+            f"serve.port={self.port}",
+            f"pidfile={tmp / 'daemon.pid'}",
+            f"checkpoint.root={tmp / 'ckpt'}",
+        ]
+        for item in [*defaults, *settings]:
+            args += ["--set", item]
+        self.log_path = tmp / "daemon.log"
+        with self.log_path.open("a") as log:
+            self.proc = subprocess.Popen(DAEMON + args, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text()[-chars:]
+
+    def get(self, path: str) -> Any:
+        """JSON of a GET, or None while the server does not answer 200."""
+        try:
+            resp = self.client.get(path)
+        except httpx.HTTPError:
+            return None
+        return resp.json() if resp.status_code == 200 else None
+
+    def wait_for(self, predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (
+                f"daemon exited early with {self.proc.returncode}:\n{self.log_tail()}"
+            )
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 90) -> int:
+        """SIGTERM, then the exit code (killed after the timeout)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+    def manifest(self) -> dict[str, Any]:
+        latest = (self.tmp / "ckpt" / "LATEST").read_text().strip()
+        return json.loads((self.tmp / "ckpt" / latest / "manifest.json").read_text())
