@@ -226,8 +226,7 @@ class KafkaSource:
             delay = self._rebuild_backoff.fail()
             self._mark_down(e, retry_in_s=delay)
             return
-        self._rebuild_backoff.reset()
-        self._consumer = consumer
+        self._consumer = consumer  # the rebuild backoff resets once this client is heard from
         self._health.client_restarts += 1
         self._stall_since = None
         with self._lock:
@@ -274,6 +273,7 @@ class KafkaSource:
         h = self._health
         h.last_ok = time.monotonic()
         self._probe_backoff.reset()
+        self._rebuild_backoff.reset()
         if h.down_since is not None:
             h.reconnects += 1
             log.info(
@@ -707,8 +707,10 @@ class KafkaDeadLetter:
         """Waits until every message is acknowledged (True) or ``timeout_s`` passed (False)."""
         return self._producer.flush(timeout_s)
 
-    def close(self) -> None:
-        self._producer.close()
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Flushes for at most ``timeout_s``, then closes; what is still unacknowledged then is
+        logged as an error (call :meth:`flush` first to wait for it)."""
+        self._producer.close(timeout_s)
 
     def __enter__(self) -> KafkaDeadLetter:
         return self

@@ -133,7 +133,7 @@ def test_poll_never_raises_while_the_broker_is_down(tmp_path: Path, caplog: pyte
         if src is not None:
             src.close()
         if dlq is not None:
-            dlq.close()
+            dlq.close(timeout_s=0.5)  # its message cannot be delivered any more
         b.stop()
 
 
