@@ -212,6 +212,8 @@ class DecodePipeline(Generic[M]):
             raise ValueError(f"method must be 'thread' or 'process', got {method!r}")
         if prefetch < 1 or max_in_flight < 1 or max_chunk < 1:
             raise ValueError("prefetch, max_in_flight and max_chunk must be >= 1")
+        if pin_memory and pin_memory_device in ("", "cuda") and not torch.cuda.is_available():
+            raise ValueError("pin_memory needs a CUDA device, and torch.cuda.is_available() is False")
         if multiprocessing_context not in multiprocessing.get_all_start_methods():
             raise ValueError(f"unknown multiprocessing context {multiprocessing_context!r}")
         self.decoder = decoder

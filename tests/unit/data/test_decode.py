@@ -197,6 +197,9 @@ def test_rejects_bad_arguments() -> None:
         DecodePipeline(DECODER, 1.5)
     with pytest.raises(ValueError, match="num_workers"):
         DecodePipeline(DECODER, HOLDOUT, num_workers=-1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="pin_memory needs a CUDA device"):
+            DecodePipeline(DECODER, HOLDOUT, pin_memory=True)
 
 
 def test_settled_states_follow_what_came_out_of_the_pipeline() -> None:
