@@ -60,6 +60,9 @@ class GrowthConfig:
     # How the held-out scores pick the winner: "gain_per_flop" = (base loss - candidate loss) per
     # added GFLOP/sample; "min_loss" = lowest held-out loss.
     selection_rule: Literal["gain_per_flop", "min_loss"] = "gain_per_flop"
+    # Held-out samples every candidate is scored on (whole held-out batches up to this many): scoring
+    # costs candidates x batches forward passes, so this bounds the selection phase's time.
+    selection_samples: int = 256
     # --- parameter inheriting with momentum (growth.pim)
     # "blend": grown = m * inherited (function-preserving) + (1 - m) * supernet-trained weights;
     # "ema": grow from m * last weights + (1 - m) * an EMA of the pre-growth weights.
@@ -100,6 +103,8 @@ class GrowthConfig:
             raise ValueError(f"supernet_steps must be an int >= 0, got {self.supernet_steps!r}")
         if not _is_int(self.supernet_sample_k) or self.supernet_sample_k < 0:
             raise ValueError(f"supernet_sample_k must be an int >= 0, got {self.supernet_sample_k!r}")
+        if not _is_int(self.selection_samples) or self.selection_samples < 1:
+            raise ValueError(f"selection_samples must be an int >= 1, got {self.selection_samples!r}")
         if self.selection_rule not in SELECTION_RULES:
             raise ValueError(f"selection_rule must be one of {SELECTION_RULES}, got {self.selection_rule!r}")
         if self.pim_mode not in PIM_MODES:

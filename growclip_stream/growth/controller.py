@@ -212,6 +212,7 @@ class GrowthController:
             if choice is None:
                 return None
             return GrowthPlan(trigger=trigger, choice=choice, base_arch=model.arch)
+        holdout_batches = _bounded(holdout_batches, self.cfg.selection_samples)
         if not holdout_batches:
             return None  # scoring needs held-out data
         candidates = candidate_set(model.arch, self.cfg)
@@ -345,3 +346,13 @@ class GrowthController:
         self.step_at_last_growth = int(state.get("step_at_last_growth", 0))
         self.plan_policy.load_state_dict(state.get("policy", {}))
         self.smoother.load_state_dict(state.get("smoother", {}))
+
+
+def _bounded(batches: Sequence[Batch], max_samples: int) -> list[Batch]:
+    """Leading whole batches holding at most `max_samples` samples (at least one batch, if any)."""
+    out: list[Batch] = []
+    for batch in batches:
+        if out and sum(len(b) for b in out) + len(batch) > max_samples:
+            break
+        out.append(batch)
+    return out
