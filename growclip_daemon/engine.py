@@ -7,6 +7,7 @@ stops, the engine finishes its step, the server closes, the broker child is stop
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
@@ -428,6 +429,9 @@ class Daemon:
         self.cfg.pidfile.write_text(str(os.getpid()))
         try:
             self.tree.start()
+            # Everything allocated at start-up (modules, datasets, the first model) lives as long as
+            # the process: keep it out of the collector's full passes, whose pauses stall serving.
+            gc.freeze()
             while not self.runtime.stop_requested.wait(1.0):
                 pass
         finally:
