@@ -17,11 +17,15 @@ over worker threads or processes:
   online loop polls the source for at most that many and pauses the source while it is 0 (see
   ``KafkaSource.pause``), so a slow trainer slows the consumer instead of growing a queue.
 - **Threads or processes**: decoding is PIL and torch work, which mostly releases the GIL, plus
-  JSON and base64 parsing, which does not. ``method="process"`` runs the decode in worker
+  JSON, base64 and Python glue, which do not. ``method="process"`` runs the decode in worker
   processes (``multiprocessing_context``, default ``forkserver``: never fork a process that runs
   Kafka client threads); messages go to the workers as bytes and images come back as numpy
-  arrays (pickled inline, no shared-memory file per tensor). The default, :data:`DEFAULT_METHOD`,
-  is the one measured faster on our 2-core machines (``bench/ingest.py``, ``bench/README.md``).
+  arrays (pickled inline, no shared-memory file per tensor). The decoder must then be picklable
+  (``pipeline.Decoder`` is), and the main module import-safe (``if __name__ == "__main__"``).
+  Each worker imports torch: ~1 s to start, ~280 MiB resident. :data:`DEFAULT_METHOD` is
+  ``"process"``: on our 2-core machines two worker processes decode 1.5x as fast as one, while two
+  threads are *slower* than one for ~2 KB images (the GIL-bound part dominates) and 1.4x for
+  ~20 KB ones (``bench/ingest.py``, ``bench/README.md``).
 - **pin_memory**: set it when the trainer's device is CUDA; images then come out in page-locked
   memory (torchdata's ``PinMemory`` node), so ``tensor.to("cuda", non_blocking=True)`` copies
   asynchronously. It needs a CUDA build of torch and a GPU; it is not exercised by the CPU tests.
@@ -61,8 +65,8 @@ log = logging.getLogger(__name__)
 
 Method = Literal["thread", "process"]
 
-DEFAULT_METHOD: Method = "thread"
-"""Measured faster here (2 cores, ~2 KB and ~20 KB images): see ``bench/README.md``."""
+DEFAULT_METHOD: Method = "process"
+"""Measured faster on 2 cores for ~2 KB and ~20 KB images; see ``bench/README.md``."""
 
 M = TypeVar("M", bound=RawMessage)
 
@@ -244,7 +248,7 @@ class DecodePipeline(Generic[M]):
 
     def start(self) -> None:
         """Starts the workers (``submit`` does it on first use; call it to pay the start-up early:
-        process workers import torch, which takes seconds)."""
+        process workers import torch, which takes about a second)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the decode pipeline is closed")

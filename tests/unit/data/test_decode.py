@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from growclip_stream.data.decode import DecodePipeline, Routed, SettledStates
+from growclip_stream.data.decode import DecodePipeline, Method, Routed, SettledStates
 from growclip_stream.data.images import ImageTransform
-from growclip_stream.data.pipeline import Decoder, Sample, route
+from growclip_stream.data.pipeline import Decoder, RawMessage, Sample, route
 from growclip_stream.data.records import Record, RecordError, RecordLimits, encode_binary, encode_json
 
 LIMITS = RecordLimits(max_image_pixels=10_000, max_image_side=200)
@@ -102,7 +102,7 @@ def test_reference_mix_covers_every_route() -> None:
 @pytest.mark.parametrize(
     ("num_workers", "method"), [(0, "thread"), (1, "thread"), (3, "thread"), (1, "process"), (2, "process")]
 )
-def test_map_matches_sequential_route(num_workers: int, method: str) -> None:
+def test_map_matches_sequential_route(num_workers: int, method: Method) -> None:
     messages = mixed_messages(120)
     with DecodePipeline[Msg](
         DECODER,
@@ -110,7 +110,7 @@ def test_map_matches_sequential_route(num_workers: int, method: str) -> None:
         num_workers=num_workers,
         method=method,
         prefetch=4,
-        max_in_flight=16,  # type: ignore[arg-type]
+        max_in_flight=16,
     ) as pipe:
         got = list(pipe.map(messages))
         assert pipe.in_flight() == 0
@@ -122,7 +122,7 @@ def test_map_matches_sequential_route(num_workers: int, method: str) -> None:
 def test_streaming_submit_take_bounded_in_flight() -> None:
     messages = mixed_messages(60)
     got: list[Routed[Msg]] = []
-    with DecodePipeline[Msg](DECODER, HOLDOUT, num_workers=2, max_in_flight=8) as pipe:
+    with DecodePipeline[Msg](DECODER, HOLDOUT, num_workers=2, method="thread", max_in_flight=8) as pipe:
         assert pipe.take() == [] and pipe.room() == 8
         i = 0
         peak = 0
@@ -142,23 +142,28 @@ def test_streaming_submit_take_bounded_in_flight() -> None:
 
 def test_out_of_order_returns_the_same_set() -> None:
     messages = mixed_messages(40)
-    with DecodePipeline[Msg](DECODER, HOLDOUT, num_workers=3, in_order=False) as pipe:
+    with DecodePipeline[Msg](DECODER, HOLDOUT, num_workers=3, method="thread", in_order=False) as pipe:
         got = list(pipe.map(messages))
     by_msg = {id(r.message): r for r in got}
     assert len(by_msg) == len(messages)
     assert_same([by_msg[id(m)] for m in messages], messages)
 
 
-def test_unexpected_decode_errors_are_raised_not_swallowed() -> None:
-    class Exploding(Decoder):
-        def __call__(self, msg):  # type: ignore[no-untyped-def]
-            if msg.value == b"boom":
-                raise ZeroDivisionError("a bug, not a bad record")
-            return super().__call__(msg)
+class ExplodingDecoder(Decoder):
+    """A decoder with a bug (module level, so that process workers can unpickle it)."""
 
+    def __call__(self, msg: RawMessage) -> Sample:
+        if msg.value == b"boom":
+            raise ZeroDivisionError("a bug, not a bad record")
+        return super().__call__(msg)
+
+
+@pytest.mark.parametrize("method", ["thread", "process"])
+def test_unexpected_decode_errors_are_raised_not_swallowed(method: Method) -> None:
     messages = [*mixed_messages(3), Msg(b"boom"), *mixed_messages(3)]
+    decoder = ExplodingDecoder(DECODER.transform, LIMITS)
     with (
-        DecodePipeline[Msg](Exploding(DECODER.transform, LIMITS), HOLDOUT, num_workers=2) as pipe,
+        DecodePipeline[Msg](decoder, HOLDOUT, num_workers=2, method=method) as pipe,
         pytest.raises(ZeroDivisionError),
     ):
         list(pipe.map(messages))
@@ -169,10 +174,10 @@ def _worker_threads() -> set[threading.Thread]:
 
 
 @pytest.mark.parametrize("method", ["thread", "process"])
-def test_close_leaves_no_worker(method: str) -> None:
+def test_close_leaves_no_worker(method: Method) -> None:
     before_threads = _worker_threads()
     before_children = set(multiprocessing.active_children())
-    pipe = DecodePipeline[Msg](DECODER, HOLDOUT, num_workers=2, method=method, max_in_flight=64)  # type: ignore[arg-type]
+    pipe = DecodePipeline[Msg](DECODER, HOLDOUT, num_workers=2, method=method, max_in_flight=64)
     pipe.start()
     pipe.submit(mixed_messages(50))
     pipe.take(max_items=5, timeout_s=10)  # some done, more in flight
