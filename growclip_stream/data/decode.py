@@ -243,6 +243,8 @@ class DecodePipeline(Generic[M]):
         self._feed = _Feed(num_workers, max_chunk)
         self._node: tn.BaseNode[list[_WorkerOut]] | None = None
         self._collector: threading.Thread | None = None
+        self._torch_threads = torch.get_num_threads()  # the caller's intra-op threads, kept as they are
+        self._threads_in_process = (method == "thread" and num_workers > 0) or pin_memory
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -255,8 +257,19 @@ class DecodePipeline(Generic[M]):
             if self._collector is not None:
                 return
             self._node = self._build()
+            self._node.reset()  # starts the threads and workers now, in this thread
+            torch.set_num_threads(self._torch_threads)  # see _keep_torch_threads
             self._collector = threading.Thread(target=self._collect, name="decode-collector", daemon=True)
             self._collector.start()
+
+    def _keep_torch_threads(self) -> None:
+        """torchdata's worker and pin-memory threads call ``torch.set_num_threads(1)``. With
+        torch's OpenMP backend that also becomes the count of threads that initialise later (a
+        trainer thread started after the pipeline) or have not used OpenMP yet: the trainer's
+        intra-op parallelism would silently drop to 1. The count the pipeline was built with is
+        put back after the workers start, and on every submit and take (a set costs ~0.1 us)."""
+        if self._threads_in_process:
+            torch.set_num_threads(self._torch_threads)
 
     def _build(self) -> tn.BaseNode[list[_WorkerOut]]:
         to_numpy = self.method == "process" and self.num_workers > 0
@@ -332,6 +345,7 @@ class DecodePipeline(Generic[M]):
     def submit(self, messages: Sequence[M]) -> None:
         """Queues messages for decoding. Raises if they do not fit in :meth:`room`: the caller
         polls at most that many (and pauses its source while there is no room)."""
+        self._keep_torch_threads()
         if not messages:
             return
         self.start()
@@ -357,6 +371,7 @@ class DecodePipeline(Generic[M]):
         Waits up to ``timeout_s`` for the first one when none is ready and some are in flight;
         ``timeout_s=0`` never blocks. Re-raises an unexpected decode exception.
         """
+        self._keep_torch_threads()
         deadline = time.monotonic() + max(0.0, timeout_s)
         with self._ready:
             while not self._out:

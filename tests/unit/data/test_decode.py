@@ -221,3 +221,23 @@ def test_settled_states_follow_what_came_out_of_the_pipeline() -> None:
     assert ledger.settled() == {"positions": {"0": 5}}
     with pytest.raises(ValueError, match="taken"):
         ledger.taken(1)
+
+
+@pytest.mark.parametrize("method", ["thread", "process"])
+def test_torch_threads_are_left_alone(method: Method) -> None:
+    """torchdata's worker threads call torch.set_num_threads(1), which then also holds for threads
+    that start later (a trainer thread): the pipeline puts the caller's count back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen_by_later_thread: list[int] = []
+    try:
+        with DecodePipeline[Msg](DECODER, HOLDOUT, num_workers=2, method=method) as pipe:
+            got = list(pipe.map(mixed_messages(20)))  # the workers have started and run
+            assert torch.get_num_threads() == 2
+            later = threading.Thread(target=lambda: seen_by_later_thread.append(torch.get_num_threads()))
+            later.start()
+            later.join()
+        assert seen_by_later_thread == [2]
+        assert len(got) == len(mixed_messages(20))
+    finally:
+        torch.set_num_threads(before)
