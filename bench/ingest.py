@@ -246,6 +246,7 @@ def wait_for_quiet(max_load: float | None, wait_s: float) -> float:
 def run(
     rounds: int, counts: dict[str, int], max_load: float | None = None, wait_s: float = 0.0
 ) -> dict[str, Any]:
+    host = machine()  # before any pipeline runs
     broker = EmbeddedBroker(port=0)
     broker.start()
     pipes = {
@@ -282,11 +283,15 @@ def run(
         for pipe in pipes.values():
             pipe.close()
         broker.stop()
-    return summarise(rates, counts, rounds, load)
+    return summarise(host, rates, counts, rounds, load)
 
 
 def summarise(
-    rates: dict[str, dict[str, list[float]]], counts: dict[str, int], rounds: int, load: list[float]
+    host: dict[str, Any],
+    rates: dict[str, dict[str, list[float]]],
+    counts: dict[str, int],
+    rounds: int,
+    load: list[float],
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for kind, by_variant in rates.items():
@@ -308,7 +313,7 @@ def summarise(
         }
     return {
         "benchmark": "ingest",
-        "machine": machine(),
+        "machine": host,
         "rounds": rounds,
         "loadavg_1min_per_round": [round(x, 2) for x in load],
         "decode": {"image_size": 28, "channels": 1, "holdout_fraction": HOLDOUT, "wire_format": "json"},
