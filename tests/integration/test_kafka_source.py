@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -264,59 +264,97 @@ def assert_contiguous(msgs: list[Message]) -> None:
         assert offs == list(range(len(offs))), f"partition {partition}: {offs}"
 
 
+class Member:
+    """A group member polling in its own thread, as each daemon does in its loop; it commits after
+    every poll that returned records (as if each were a durable checkpoint), and on request."""
+
+    def __init__(self, src: KafkaSource) -> None:
+        self.src = src
+        self.got: list[Message] = []
+        self.assigned: list[int] = []
+        self.states: list[tuple[list[int], dict[str, Any]]] = []  # (assignment, state_dict()) per poll
+        self.commit_requested = threading.Event()
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                msgs = self.src.poll(0.2)
+                self.got += msgs
+                if msgs or self.commit_requested.is_set():
+                    self.commit_requested.clear()
+                    self.src.commit()
+                assigned = self.src.assignment()
+                self.states.append((assigned, self.src.state_dict()))
+                self.assigned = assigned
+            self.src.commit()  # the final checkpoint before leaving
+        except BaseException as e:
+            self.error = e
+        finally:
+            self.src.close()
+
+    def leave(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive() and self.error is None, self.error
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
 def test_group_members_split_partitions_and_hand_over_without_duplicates(broker: str, topic: str) -> None:
     """Two members of one group: every record is consumed by exactly one of them, also when one
     leaves and the other takes its partitions over from the committed offsets."""
     topic = topic + "-p4"
     ensure_topics(broker, [topic], partitions=4)
     group = f"g-{topic}"
-    got: dict[str, list[Message]] = {"a": [], "b": []}
     produce(broker, topic, records(100))
-    a = source(broker, topic, group)
-    b: KafkaSource | None = None
-    try:
-        got["a"] += consume(a, 100)
-        a.commit()  # as after a durable checkpoint
-        assert a.assignment() == [0, 1, 2, 3]
+    first = source(broker, topic, group)
+    before = consume(first, 100)
+    assert first.commit()  # as after a durable checkpoint
+    assert first.assignment() == [0, 1, 2, 3]
 
-        b = source(broker, topic, group)
-        deadline = time.monotonic() + 20
-        while not (a.assignment() and b.assignment()):
-            assert time.monotonic() < deadline, "the group did not rebalance"
-            assert a.poll(0.2) == [] and b.poll(0.2) == []  # everything so far was consumed and committed
-        assert sorted(a.assignment() + b.assignment()) == [0, 1, 2, 3]
-        # a's revoked partitions stay in its state until a state holding them is reported durable
-        assert len(a.state_dict()["positions"]) == 4
-        assert a.commit()
-        assert sorted(int(p) for p in a.state_dict()["positions"]) == a.assignment()
+    a = Member(first)
+    b = Member(source(broker, topic, group))
+    try:
+        # settled when both own partitions and none is owned twice
+        wait_for(
+            lambda: bool(a.assigned and b.assigned) and sorted(a.assigned + b.assigned) == [0, 1, 2, 3],
+            "the group did not settle",
+        )
+        # a's revoked partitions stayed in its state until a state holding them was reported
+        # durable (nothing new arrived, so a has not committed since the rebalance)
+        assigned, state = a.states[-1]
+        assert len(assigned) == 2 and len(state["positions"]) == 4
+        a.commit_requested.set()
+        wait_for(
+            lambda: not a.commit_requested.is_set() and len(a.states[-1][1]["positions"]) == 2,
+            "a's revoked positions were not dropped after the commit",
+        )
+        assert sorted(int(p) for p in a.states[-1][1]["positions"]) == a.assigned
 
         produce(broker, topic, records(400, start=100))
-        deadline = time.monotonic() + 30
-        while len(got["a"]) + len(got["b"]) < 500:
-            assert time.monotonic() < deadline, f"got {len(got['a']) + len(got['b'])} of 500"
-            for name, member in (("a", a), ("b", b)):
-                msgs = member.poll(0.2)
-                if msgs:
-                    got[name] += msgs
-                    member.commit()
-        assert {m.partition for m in got["b"]} == set(b.assignment())
-        assert got["b"] and len(got["a"]) > 100
+        wait_for(lambda: len(before) + len(a.got) + len(b.got) >= 500, "records 100-499 did not all arrive")
+        assert b.got and a.got
+        assert {m.partition for m in b.got} == set(b.assigned)
 
-        b.commit()  # its final checkpoint, then it leaves
-        b.close()
-        b = None
+        b.leave()
         produce(broker, topic, records(100, start=500))
-        deadline = time.monotonic() + 30
-        while len(got["a"]) + len(got["b"]) < 600:
-            assert time.monotonic() < deadline, f"got {len(got['a']) + len(got['b'])} of 600"
-            got["a"] += a.poll(0.3)
-        assert_quiet(a)
-        assert a.assignment() == [0, 1, 2, 3]
+        wait_for(lambda: len(before) + len(a.got) + len(b.got) >= 600, "records 500-599 did not all arrive")
+        wait_for(lambda: a.assigned == [0, 1, 2, 3], "a did not take b's partitions over")
+        time.sleep(1.0)  # nothing more may arrive
     finally:
-        a.close()
-        if b is not None:
-            b.close()
-    everything = got["a"] + got["b"]
+        a.leave()
+        if b.thread.is_alive():
+            b.leave()
+    everything = before + a.got + b.got
     assert sorted(ids(everything)) == [f"rec-{i:05d}" for i in range(600)]  # each exactly once
     assert_contiguous(everything)
 
