@@ -27,10 +27,11 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from growclip_daemon import broker as broker_module
-from growclip_daemon.broker import EmbeddedBroker, _free_port
+from growclip_daemon.broker import EmbeddedBroker
 from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, KafkaSourceConfig, Message
 from growclip_stream.data.produce import ReliableProducer, ensure_topics, produce
 from growclip_stream.data.records import Record, RecordLimits, decode_message
+from tests.helpers import free_port
 
 LIMITS = RecordLimits()
 OUTAGE_S = 30.0  # how long the broker stays down in the restart test
@@ -176,7 +177,7 @@ def test_producer_is_recreated_after_a_restart_and_loses_nothing(tmp_path: Path)
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A local S3-compatible server (moto's) on a free loopback port."""
     pytest.importorskip("moto.server", reason="the restart test needs moto[server] (requirements.txt)")
-    port = _free_port("127.0.0.1")
+    port = free_port()
     log_file = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
