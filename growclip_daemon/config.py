@@ -46,6 +46,8 @@ class ShardSettings(Strict):
 
 
 class DataSettings(Strict):
+    decode_workers: int = Field(2, ge=0)  # parallel decode workers (0: decode in the pipeline's own thread)
+    decode_method: Literal["process", "thread"] = "process"  # processes scale on CPU; threads share the GIL
     max_message_bytes: int = Field(2_000_000, ge=1024)
     max_caption_chars: int = Field(1000, ge=1)
     max_image_pixels: int = Field(4_000_000, ge=64)

@@ -29,6 +29,7 @@ from growclip_daemon.metrics import Metrics
 from growclip_daemon.service import Service, ServiceTree, ThreadService
 from growclip_stream.checkpoint import Checkpoint, Checkpointer, restore_optimizer
 from growclip_stream.data.datasets import iter_records
+from growclip_stream.data.decode import DecodePipeline
 from growclip_stream.data.images import ImageTransform
 from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, KafkaSourceConfig
 from growclip_stream.data.pipeline import Decoder
@@ -145,6 +146,7 @@ class TrainingService(ThreadService):
         self.metrics = metrics
         self.paused = threading.Event()
         self.loop: OnlineLoop | None = None
+        self.pipeline: DecodePipeline[Any] | None = None
         self.source: KafkaSource | ShardSource | None = None
         self.dead_letter: KafkaDeadLetter | ShardDeadLetter | None = None
         self.observer = MetricsObserver(metrics, source_label=cfg.source)
@@ -192,10 +194,19 @@ class TrainingService(ThreadService):
         )
         resumed = self.checkpointer.load() if self.checkpointer.latest() else None
         model = resumed.model if resumed is not None else GrowCLIP(arch)
+        self.pipeline = DecodePipeline(
+            Decoder(ImageTransform(arch.image_size, arch.channels), limits),
+            cfg.loop.holdout_fraction,
+            num_workers=cfg.data.decode_workers,
+            method=cfg.data.decode_method,
+            max_in_flight=4 * cfg.train.batch_size,
+            pin_memory=cfg.train.device.startswith("cuda"),
+        )
+        self.pipeline.start()
         self.loop = OnlineLoop(
             source=self.source,
             dead_letter=self.dead_letter,
-            decoder=Decoder(ImageTransform(arch.image_size, arch.channels), limits),
+            pipeline=self.pipeline,
             tokenizer=ByteTokenizer(arch.context_length),
             trainer=OnlineTrainer(model, cfg.train),
             growth=GrowthController(cfg.growth, cfg.train, on_phase=self.observer.on_phase),
@@ -286,6 +297,8 @@ class TrainingService(ThreadService):
             raise
         self._last_save = time.monotonic()
         self.metrics.checkpoint_seconds.observe(self._last_save - start)
+        assert self.dead_letter is not None
+        self.dead_letter.flush()  # dead-lettered records are out before their offsets are committed
         self.metrics.checkpoint_last_success.set_to_current_time()
         self.source.commit(source_state)
         self.last_checkpoint = path
@@ -304,6 +317,8 @@ class TrainingService(ThreadService):
 
     def on_stop(self) -> None:
         super().on_stop()  # the loop finishes its step and trains what it consumed
+        if self.pipeline is not None:
+            self.pipeline.close()
         if self.dead_letter is not None:
             self.dead_letter.flush()
             self.dead_letter.close()

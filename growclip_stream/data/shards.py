@@ -381,6 +381,7 @@ class ShardSource:
         self.max_read_attempts = max_read_attempts
         self.count_rows = count_rows
         self._listing = _Listing(url, storage_options)
+        self._paused = False
         self._lock = threading.Lock()  # guards the position fields below, read by other threads
         self._completed: set[str] = set()
         self._failed: dict[str, str] = {}
@@ -398,12 +399,27 @@ class ShardSource:
 
     # -- consuming ------------------------------------------------------------------------------
 
+    def pause(self) -> None:
+        """Stop handing out rows (backpressure, an admin pause) until :meth:`resume`."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     def poll(self, timeout_s: float, max_records: int | None = None) -> list[Message]:
         """Up to ``max_records`` (default ``max_poll_records``) messages in shard then row order.
 
         Waits at most ``timeout_s`` when nothing is ready (also when every shard is read, so a
         caller's loop does not spin); with ``watch`` the listing is refreshed while waiting.
+        Returns nothing, after the wait, while paused.
         """
+        if self._paused:
+            self._closed.wait(max(0.0, timeout_s))
+            return []
         limit = max_records or self.max_poll_records
         deadline = time.monotonic() + max(0.0, timeout_s)
         while not self._closed.is_set():

@@ -21,7 +21,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from growclip_stream.data.pipeline import Batcher, Decoder, RawMessage, Sample, collate, full_batches, route
+from growclip_stream.data.decode import DecodePipeline, Routed, SettledStates
+from growclip_stream.data.pipeline import Batcher, Sample, collate, full_batches
 from growclip_stream.data.records import RecordError
 from growclip_stream.data.reservoir import Reservoir
 from growclip_stream.growth.controller import GrowthController, GrowthEvent, GrowthPlan
@@ -65,6 +66,8 @@ class LoopConfig:
 class Source(Protocol):
     def poll(self, timeout_s: float, max_records: int | None = None) -> Sequence[Any]: ...
     def state_dict(self) -> dict[str, Any]: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
 
 
 class DeadLetter(Protocol):
@@ -98,7 +101,7 @@ class OnlineLoop:
         *,
         source: Source,
         dead_letter: DeadLetter,
-        decoder: Decoder,
+        pipeline: DecodePipeline[Any],
         tokenizer: ByteTokenizer,
         trainer: OnlineTrainer,
         growth: GrowthController,
@@ -108,7 +111,7 @@ class OnlineLoop:
     ) -> None:
         self.source = source
         self.dead_letter = dead_letter
-        self.decoder = decoder
+        self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.trainer = trainer
         self.growth = growth
@@ -123,8 +126,10 @@ class OnlineLoop:
         self.holdout = Reservoir(cfg.holdout_capacity, seed=trainer.cfg.seed + 1)
         self.last_eval_loss: float | None = None
         # Source positions up to which every record is settled (trained, held out or dead-lettered):
-        # what a checkpoint may record and what may be committed. Polls never ask for more than the
-        # batch lacks, so the batcher empties at every step and this advances with each step.
+        # what a checkpoint may record and what may be committed. The pipeline decodes up to two
+        # batches ahead, but only what the batch lacks is taken out of it, so the batcher empties at
+        # every step; then every message taken so far is settled.
+        self.ledger = SettledStates(source.state_dict())
         self.settled_source_state: dict[str, Any] = source.state_dict()
         self._rng = random.Random(trainer.cfg.seed)
         self._grow_requested = threading.Event()
@@ -152,27 +157,40 @@ class OnlineLoop:
         self.publish_now()
         while not stop.is_set():
             if paused is not None and paused.is_set():
-                stop.wait(0.2)
+                self.idle()
             else:
                 self.run_once()
             if tick is not None:
                 tick()
         self.finish()
 
+    def idle(self) -> None:
+        """Paused: keep polling a paused source (a consumer that stops polling leaves its group)."""
+        self.source.pause()
+        self.source.poll(0.2, max_records=1)
+        self.source.resume()
+
     def run_once(self) -> None:
         """Poll once, route what arrived, train every full batch, grow when due."""
         if self._search is not None and self._search.done():
             self._finish_search()
-        want = max(1, self.batcher.batch_size - self.batcher.pending())
-        messages = self.source.poll(self.cfg.poll_timeout_s, max_records=want)
-        if messages:
-            self._ingest(messages)
+        batch_size = self.batcher.batch_size
+        in_flight = self.pipeline.in_flight()
+        want = min(2 * batch_size - self.batcher.pending() - in_flight, self.pipeline.room())
+        if want > 0:  # keep up to two batches in the pipeline: decoding overlaps training
+            messages = self.source.poll(self.cfg.poll_timeout_s if in_flight == 0 else 0.0, max_records=want)
+            if messages:
+                self.pipeline.submit(messages)
+                self.ledger.submitted(len(messages), self.source.state_dict())
+        lack = batch_size - self.batcher.pending()
+        if lack > 0:
+            self._ingest(self.pipeline.take(max_items=lack, timeout_s=0.05))
         while (fresh := self.batcher.take()) is not None:
             data_wait = time.perf_counter() - self._wait_since
             self._train(fresh, data_wait)
             self._wait_since = time.perf_counter()
         if self.batcher.pending() == 0:
-            self.settled_source_state = self.source.state_dict()
+            self.settled_source_state = self.ledger.settled()
         if self._grow_requested.is_set():
             self._grow_requested.clear()
             self.grow_now("forced")
@@ -184,11 +202,15 @@ class OnlineLoop:
         unsettled, so the next run reads it again instead of it being lost. A search still running
         beside training is abandoned (the next run's triggers will start another).
         """
+        while self.pipeline.in_flight():  # what is being decoded is routed too
+            self._ingest(self.pipeline.take(timeout_s=1.0))
+        while (fresh := self.batcher.take()) is not None:
+            self._train(fresh, 0.0)
         pending = self.batcher.drain()
         if len(pending) >= 2:
             self._train(pending, 0.0, replay=False)
         if len(pending) != 1:
-            self.settled_source_state = self.source.state_dict()
+            self.settled_source_state = self.ledger.settled()
         else:
             log.info("a single last record stays unsettled for the next run", extra={"id": pending[0].id})
         if self._search is not None:
@@ -196,17 +218,19 @@ class OnlineLoop:
             self._search = None
         self.publish_now()
 
-    def _ingest(self, messages: Sequence[RawMessage]) -> None:
+    def _ingest(self, routed: Sequence[Routed[Any]]) -> None:
+        if not routed:
+            return
+        self.ledger.taken(len(routed))
         counts: Counter[str] = Counter()
-        for msg in messages:
-            status, result = route(self.decoder, msg, self.cfg.holdout_fraction)
-            counts[status] += 1
-            if isinstance(result, RecordError):
-                self.dead_letter.send(msg, result.reason, result.detail)
-            elif status == "held_out":
-                self.holdout.add(result)
+        for item in routed:
+            counts[item.status] += 1
+            if isinstance(item.result, RecordError):
+                self.dead_letter.send(item.message, item.result.reason, item.result.detail)
+            elif item.status == "held_out":
+                self.holdout.add(item.result)
             else:
-                self.batcher.add(result)
+                self.batcher.add(item.result)
         self.observer.on_records(dict(counts))
 
     def _train(self, fresh: list[Sample], data_wait_s: float, replay: bool = True) -> None:

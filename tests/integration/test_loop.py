@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from growclip_stream.data.datasets import iter_records
+from growclip_stream.data.decode import DecodePipeline
 from growclip_stream.data.images import ImageTransform
 from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, KafkaSourceConfig
 from growclip_stream.data.pipeline import Decoder
@@ -62,7 +63,9 @@ def build(broker: str, topic: str, growth: GrowthConfig) -> tuple[OnlineLoop, Re
     loop = OnlineLoop(
         source=source,
         dead_letter=KafkaDeadLetter(broker, topic),
-        decoder=Decoder(ImageTransform(arch.image_size, arch.channels), RecordLimits()),
+        pipeline=DecodePipeline(
+            Decoder(ImageTransform(arch.image_size, arch.channels), RecordLimits()), 0.1, 1, "thread"
+        ),
         tokenizer=ByteTokenizer(arch.context_length),
         trainer=OnlineTrainer(GrowCLIP(arch), train),
         growth=GrowthController(growth, train),
@@ -114,4 +117,5 @@ def test_forced_growth_with_search(broker: str, topic: str, beside: bool) -> Non
         assert settled <= 1200 and loop.trainer.samples == rec.records["trained"] - 1
     else:
         assert settled == 1200 and loop.trainer.samples == rec.records["trained"]
+    loop.pipeline.close()
     source.close()
