@@ -63,7 +63,11 @@ class EmbeddedBroker:
         host: str = "127.0.0.1",
         storage: str = "memory://tansu/",
         log_path: Path | None = None,
+        cluster_id: str | None = None,
     ) -> None:
+        """``cluster_id``: Tansu keys its storage by cluster id, so durable storage (``s3://``) that
+        must survive a restart needs the same id every start; by default each start draws a fresh
+        one (which also tells our broker apart from another one on the same port)."""
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {port}")
         self.host = host
@@ -71,6 +75,7 @@ class EmbeddedBroker:
         self.port = port  # the actual port once started
         self.storage = storage
         self.log_path = log_path
+        self.fixed_cluster_id = cluster_id
         self.cluster_id = ""
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
@@ -92,7 +97,7 @@ class EmbeddedBroker:
         if self._proc is not None:
             raise RuntimeError("broker is already started")
         self.port = self.requested_port or _free_port(self.host)
-        self.cluster_id = f"growclip-{secrets.token_hex(8)}"
+        self.cluster_id = self.fixed_cluster_id or f"growclip-{secrets.token_hex(8)}"
         url = f"tcp://{_url_host(self.host)}:{self.port}"
         cmd = [
             str(tansu_binary()),

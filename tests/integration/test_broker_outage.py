@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 import urllib.error
 import urllib.request
 import uuid
@@ -26,12 +25,12 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from growclip_daemon import broker as broker_module
 from growclip_daemon.broker import EmbeddedBroker
+from growclip_stream.data.datasets import iter_records
 from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, KafkaSourceConfig, Message
 from growclip_stream.data.produce import ReliableProducer, ensure_topics, produce
 from growclip_stream.data.records import Record, RecordLimits, decode_message
-from tests.helpers import free_port
+from tests.helpers import Daemon, free_port
 
 LIMITS = RecordLimits()
 OUTAGE_S = 30.0  # how long the broker stays down in the restart test
@@ -222,10 +221,6 @@ def s3_storage(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
         "AWS_DEFAULT_REGION": "us-east-1",
     }.items():
         monkeypatch.setenv(key, value)
-    # Tansu keys its storage by cluster id, and EmbeddedBroker draws a new one per start: a
-    # restarted broker would see an empty cluster. Same id across this test's restarts.
-    cluster_suffix = uuid.uuid4().hex[:16]
-    monkeypatch.setattr(broker_module, "secrets", types.SimpleNamespace(token_hex=lambda n: cluster_suffix))
     return f"s3://{bucket}/"
 
 
@@ -234,7 +229,8 @@ def test_source_resumes_by_itself_after_a_broker_restart(tmp_path: Path, s3_stor
     """Produce, consume part, stop the broker for 30 s while polling, start it again on the same
     port and storage, produce more: every record is consumed exactly once, none lost."""
     assert os.environ["AWS_ALLOW_HTTP"] == "true"
-    first = EmbeddedBroker(port=0, storage=s3_storage, log_path=tmp_path / "tansu-1.log")
+    cluster = f"growclip-{uuid.uuid4().hex[:16]}"  # the same id across the restart: tansu keys storage by it
+    first = EmbeddedBroker(port=0, storage=s3_storage, log_path=tmp_path / "tansu-1.log", cluster_id=cluster)
     first.start()
     bootstrap, port = first.bootstrap, first.port
     topic = f"outage-{uuid.uuid4().hex[:8]}"
@@ -272,7 +268,9 @@ def test_source_resumes_by_itself_after_a_broker_restart(tmp_path: Path, s3_stor
         assert polls >= 20
         assert not src.connected and src.health()["down_for_s"] > OUTAGE_S / 2
 
-        second = EmbeddedBroker(port=port, storage=s3_storage, log_path=tmp_path / "tansu-2.log")
+        second = EmbeddedBroker(
+            port=port, storage=s3_storage, log_path=tmp_path / "tansu-2.log", cluster_id=cluster
+        )
         second.start()
         assert produce(bootstrap, topic, records("post", 200)) == 200
         time.sleep(1.0)
@@ -321,3 +319,55 @@ def test_source_resumes_by_itself_after_a_broker_restart(tmp_path: Path, s3_stor
     assert sum(src.state_dict()["positions"].values()) == len(consumed)
     reasons = sorted(dict(r.headers)["detail"] for r in dlq_records)
     assert reasons[:2] == [b"before the outage", b"during the outage"]
+
+
+@pytest.mark.slow
+def test_daemon_serves_through_a_broker_outage_and_resumes_by_itself(tmp_path: Path, s3_storage: str) -> None:
+    """The daemon on an external broker that stops for 30 s mid-stream: it never exits, serving
+    answers throughout, consumption resumes by itself, and no record from before the outage is lost."""
+    cluster = f"growclip-{uuid.uuid4().hex[:16]}"
+    first = EmbeddedBroker(port=0, storage=s3_storage, log_path=tmp_path / "tansu-1.log", cluster_id=cluster)
+    first.start()
+    bootstrap, port = first.bootstrap, first.port
+    topic = f"daemon-outage-{uuid.uuid4().hex[:8]}"
+    ensure_topics(bootstrap, [topic, f"{topic}.dlq"])
+    produce(bootstrap, topic, iter_records("fashion-mnist", seed=11), limit=600)
+    daemon = Daemon(
+        tmp_path,
+        f"kafka.bootstrap={bootstrap}",
+        f"kafka.topic={topic}",
+        "kafka.session_timeout_ms=3000",
+        "kafka.heartbeat_interval_ms=500",
+        "growth.enabled=false",
+        "train.batch_size=32",
+    )
+    second: EmbeddedBroker | None = None
+
+    def position() -> int:
+        status = daemon.get("/v1/model")
+        return int(status["source"]["positions"]["positions"].get("0", 0)) if status else -1
+
+    try:
+        daemon.wait_for(lambda: position() >= 600, 120, "the first 600 records")
+        first.stop()
+        answered, deadline = 0, time.monotonic() + OUTAGE_S
+        while time.monotonic() < deadline:  # serving answers throughout the outage
+            assert daemon.proc.poll() is None, daemon.log_tail()
+            resp = daemon.client.post("/v1/embeddings", json={"input": ["a photo of a dress"]})
+            assert resp.status_code == 200, resp.text
+            answered += 1
+            time.sleep(0.25)
+        assert answered > 50
+        second = EmbeddedBroker(
+            port=port, storage=s3_storage, log_path=tmp_path / "tansu-2.log", cluster_id=cluster
+        )
+        second.start()
+        produce(bootstrap, topic, iter_records("fashion-mnist", seed=12), limit=400)
+        daemon.wait_for(lambda: position() >= 1000, 120, "consumption to resume by itself")
+    finally:
+        code = daemon.stop()
+        if second is not None:
+            second.stop()
+        first.stop()
+    assert code == 0, daemon.log_tail()
+    assert int(daemon.manifest()["source"]["positions"]["0"]) >= 999  # every record settled, none lost
