@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from growclip_stream.data.datasets import load_labelled
-from growclip_stream.data.images import ImageTransform, decode_image
+from growclip_stream.data.images import ImageTransform
 from growclip_stream.data.records import RecordLimits
 from growclip_stream.model import ArchConfig, GrowCLIP
 from growclip_stream.model.tokenizer import ByteTokenizer
@@ -37,7 +37,7 @@ def load_eval_set(name: str, arch: ArchConfig, limit: int = 2000) -> EvalSet:
     limits = RecordLimits()
     images, labels, class_names = load_labelled(name, "test")
     return EvalSet(
-        images=torch.stack([transform(decode_image(b, limits)) for b in images[:limit]]),
+        images=torch.stack([transform.from_bytes(b, limits) for b in images[:limit]]),
         labels=torch.tensor(labels[:limit], dtype=torch.long),
         class_names=tuple(class_names),
     )

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from growclip_stream.data.images import ImageTransform, decode_image
+from growclip_stream.data.images import ImageTransform
 from growclip_stream.data.records import RecordError, RecordLimits
 from growclip_stream.model.clip import ArchConfig, GrowCLIP
 from growclip_stream.model.tokenizer import PAD_ID, ByteTokenizer
@@ -136,7 +136,7 @@ class ModelSnapshot:
         pixels = []
         for i, data in enumerate(images):
             try:
-                pixels.append(self._transform(decode_image(data, limits)))
+                pixels.append(self._transform.from_bytes(data, limits))
             except ImageItemError:
                 raise
             except RecordError as e:

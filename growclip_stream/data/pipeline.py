@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from growclip_stream.data.images import ImageTransform, decode_image
+from growclip_stream.data.images import ImageTransform
 from growclip_stream.data.records import RecordError, RecordLimits, decode_message, is_held_out
 from growclip_stream.model.tokenizer import ByteTokenizer
 from growclip_stream.train.trainer import Batch
@@ -44,7 +44,7 @@ class Decoder:
 
     def __call__(self, msg: RawMessage) -> Sample:
         record = decode_message(msg.value, msg.headers, self.limits)
-        image = self.transform(decode_image(record.image, self.limits))
+        image = self.transform.from_bytes(record.image, self.limits)
         return Sample(record.id, image, record.caption)
 
 

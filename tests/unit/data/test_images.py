@@ -164,3 +164,24 @@ def test_transform_rejects_bad_config() -> None:
         ImageTransform(size=0, channels=1)
     with pytest.raises(ValueError):
         ImageTransform(size=8, channels=2)
+
+
+def test_large_jpeg_decodes_at_a_reduced_scale_close_to_the_full_decode() -> None:
+    rng = np.random.default_rng(1)
+    base = Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).resize(
+        (224, 224), Image.Resampling.BICUBIC
+    )
+    buf = io.BytesIO()
+    base.convert("RGB").save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    limits = RecordLimits()
+    full = decode_image(data, limits)
+    scaled = decode_image(data, limits, min_side=28)
+    assert full.size == (224, 224) and min(scaled.size) >= 28 and scaled.size[0] < 224  # DCT-scaled
+    transform = ImageTransform(28, 1)
+    a, b = transform(full), transform.from_bytes(data, limits)
+    assert a.shape == b.shape == (1, 28, 28)
+    assert float((a - b).abs().mean()) < 0.05  # per-pixel noise is the worst case; real photos differ less
+    png = io.BytesIO()
+    base.save(png, format="PNG")
+    assert decode_image(png.getvalue(), limits, min_side=28).size == (224, 224)  # only JPEG is scaled
