@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import torch
 
-from growclip_stream.model import ArchConfig, TowerConfig
+from growclip_stream.model import ArchConfig, GrowCLIP, TowerConfig
 from growclip_stream.train.trainer import Batch
 
 DAEMON = [sys.executable, "-m", "growclip_daemon.cli"]
@@ -44,6 +44,18 @@ def random_batches(arch: ArchConfig, n: int, size: int = 8, seed: int = 0) -> li
         )
         for i in range(n)
     ]
+
+
+def randomized(model: GrowCLIP, seed: int = 0) -> GrowCLIP:
+    """Every parameter random (LayerNorm gains around 1, biases too), so no zero init hides a bug."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_" in name and name.endswith(".weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name != "logit_scale":
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model
 
 
 class Daemon:

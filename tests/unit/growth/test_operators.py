@@ -5,6 +5,7 @@ import torch
 
 from growclip_stream.growth.operators import GrowthOp, apply_op, apply_ops, grow_arch
 from growclip_stream.model import ArchConfig, ByteTokenizer, ClipLoss, GrowCLIP, TowerConfig
+from tests.helpers import randomized
 
 TOWERS = ("image", "text", "shared")
 TOL = 1e-5
@@ -23,16 +24,8 @@ def base_arch(shared_depth: int = 1) -> ArchConfig:
 
 
 def random_model(arch: ArchConfig, seed: int = 0) -> GrowCLIP:
-    """A model with every parameter random (LayerNorm and biases too), so no zero hides a bug."""
     torch.manual_seed(seed)
-    model = GrowCLIP(arch)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln_" in name and name.endswith(".weight"):  # LayerNorm gains around 1
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name != "logit_scale":
-                p.normal_(0, 0.3)
-    return model
+    return randomized(GrowCLIP(arch), seed)
 
 
 def inputs(arch: ArchConfig, seed: int = 123) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,3 @@
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -14,14 +12,6 @@ from growclip_stream.train.trainer import Batch, build_optimizer
 
 TOL = 1e-5
 OPS = ("widen:image*2", "widen_mlp:text+8", "deepen:text+1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def arch() -> ArchConfig:

@@ -1,6 +1,5 @@
 import json
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,14 +11,6 @@ from growclip_stream.growth.space import candidate_set
 from growclip_stream.growth.supernet import Supernet
 from growclip_stream.model import ArchConfig, ByteTokenizer, ClipLoss, ClipOutput, GrowCLIP, TowerConfig
 from growclip_stream.train.trainer import Batch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def arch() -> ArchConfig:

@@ -1,5 +1,3 @@
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -10,17 +8,9 @@ from growclip_stream.growth.supernet import Supernet, union_ops
 from growclip_stream.model import ArchConfig, ByteTokenizer, ClipLoss, GrowCLIP, TowerConfig
 from growclip_stream.train.config import TrainConfig
 from growclip_stream.train.trainer import Batch
+from tests.helpers import randomized
 
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is several times faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # every kind on every tower, including widening the shared encoder and two factors on the image tower
@@ -51,16 +41,8 @@ def arch(shared_depth: int = 1) -> ArchConfig:
 
 
 def random_model(a: ArchConfig, seed: int = 0) -> GrowCLIP:
-    """Every parameter random (LayerNorm and biases too), so no zero hides a bug."""
     torch.manual_seed(seed)
-    model = GrowCLIP(a)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln_" in name and name.endswith(".weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name != "logit_scale":
-                p.normal_(0, 0.3)
-    return model
+    return randomized(GrowCLIP(a), seed)
 
 
 def batch(a: ArchConfig, seed: int = 0, n: int = 8) -> Batch:
