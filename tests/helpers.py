@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import torch
 
+from growclip_stream.data.kafka_source import KafkaSource, KafkaSourceConfig, Message
 from growclip_stream.model import ArchConfig, GrowCLIP, TowerConfig
 from growclip_stream.train.trainer import Batch
 
@@ -56,6 +57,21 @@ def randomized(model: GrowCLIP, seed: int = 0) -> GrowCLIP:
             elif name != "logit_scale":
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
     return model
+
+
+def consume_topic(bootstrap: str, topic: str, n: int, timeout_s: float = 20.0) -> list[Message]:
+    """Exactly the first `n` messages of every partition of `topic` (fails on fewer, or more)."""
+    src = KafkaSource(KafkaSourceConfig(bootstrap=bootstrap, topic=topic, group_id=topic, partitions="all"))
+    try:
+        out: list[Message] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < n:
+            assert time.monotonic() < deadline, f"got {len(out)} of {n} messages"
+            out.extend(src.poll(0.5, max_records=n - len(out)))
+        assert src.poll(0.5) == []  # and nothing more
+        return out
+    finally:
+        src.close()
 
 
 class Daemon:

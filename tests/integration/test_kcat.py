@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -23,10 +22,10 @@ import pytest
 
 from growclip_stream.data.datasets import iter_records
 from growclip_stream.data.images import ImageTransform
-from growclip_stream.data.kafka_source import KafkaSource, KafkaSourceConfig, Message
 from growclip_stream.data.pipeline import Decoder, route
 from growclip_stream.data.produce import produce
 from growclip_stream.data.records import Record, RecordLimits, decode_json, encode_json, sniff_content_type
+from tests.helpers import consume_topic
 
 
 @functools.cache
@@ -68,20 +67,6 @@ def kcat_produce_json(
     return len(lines)
 
 
-def consume(bootstrap: str, topic: str, n: int, timeout_s: float = 20.0) -> list[Message]:
-    src = KafkaSource(KafkaSourceConfig(bootstrap=bootstrap, topic=topic, group_id=topic, partitions="all"))
-    try:
-        out: list[Message] = []
-        deadline = time.monotonic() + timeout_s
-        while len(out) < n:
-            assert time.monotonic() < deadline, f"got {len(out)} of {n} messages"
-            out.extend(src.poll(0.5, max_records=n - len(out)))
-        assert src.poll(0.5) == []  # and nothing more
-        return out
-    finally:
-        src.close()
-
-
 @pytest.fixture(scope="module")
 def real_records() -> list[Record]:
     """Real records of three datasets, images of different sizes and formats' worth."""
@@ -109,7 +94,7 @@ def test_json_records_from_kcat_train_through_our_source(
 ) -> None:
     assert kcat_produce_json(broker, topic, real_records, compression) == 120
     kcat("-b", broker, "-P", "-t", topic, "-K", "\t", stdin=b"junk\tthis is not json\n")
-    msgs = consume(broker, topic, 121)
+    msgs = consume_topic(broker, topic, 121)
     assert [m.offset for m in msgs] == list(range(121))
     by_id = {r.id: r for r in real_records}
     for msg, rec in zip(msgs, real_records, strict=False):
@@ -135,7 +120,7 @@ def test_binary_records_from_kcat_with_headers(broker: str, topic: str, tmp_path
             "-H", f"content-type={sniff_content_type(rec.image)}",
             str(path),
         )  # fmt: skip
-    msgs = consume(broker, topic, 5)
+    msgs = consume_topic(broker, topic, 5)
     samples = [DECODER(m) for m in msgs]
     assert [(s.id, s.caption) for s in samples] == [(r.id, r.caption) for r in records]
 

@@ -7,7 +7,6 @@ import itertools
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,27 +17,13 @@ from typer.testing import CliRunner
 from growclip_daemon.cli import app
 from growclip_stream.data.datasets import in_test_split, iter_records
 from growclip_stream.data.images import ImageTransform
-from growclip_stream.data.kafka_source import KafkaSource, KafkaSourceConfig, Message
 from growclip_stream.data.pipeline import Decoder
 from growclip_stream.data.records import Record, RecordLimits
 from growclip_stream.data.shards import write_parquet_shards, write_tar_shards
+from tests.helpers import consume_topic
 
 DECODER = Decoder(ImageTransform(size=32, channels=3), RecordLimits())
 RUNNER = CliRunner()
-
-
-def consume(bootstrap: str, topic: str, n: int, timeout_s: float = 20.0) -> list[Message]:
-    src = KafkaSource(KafkaSourceConfig(bootstrap=bootstrap, topic=topic, group_id=topic, partitions="all"))
-    try:
-        out: list[Message] = []
-        deadline = time.monotonic() + timeout_s
-        while len(out) < n:
-            assert time.monotonic() < deadline, f"got {len(out)} of {n} messages"
-            out.extend(src.poll(0.5, max_records=n - len(out)))
-        assert src.poll(0.5) == []  # and nothing more
-        return out
-    finally:
-        src.close()
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -66,7 +51,7 @@ def test_produce_shards_from_a_local_folder(broker: str, topic: str, tmp_path: P
         "skipped": {"missing_field": 1, "not_an_image": 1},
         "failed_shards": {},
     }
-    samples = [DECODER(m) for m in consume(broker, topic, 30)]
+    samples = [DECODER(m) for m in consume_topic(broker, topic, 30)]
     # shard order: 00000..00002.parquet, more/00000.tar, zz-bad.parquet
     assert [(s.id, s.caption) for s in samples] == [(r.id, r.caption) for r in records]
 
@@ -80,7 +65,7 @@ def test_produce_shards_from_memory_with_limit(broker: str, topic: str) -> None:
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["records"] == 25
-    msgs = consume(broker, topic, 25)
+    msgs = consume_topic(broker, topic, 25)
     assert all(not any(k == "content-type" for k, _ in m.headers) for m in msgs)  # the JSON format
     assert [DECODER(m).id for m in msgs] == [r.id for r in records[:25]]
 
@@ -95,7 +80,7 @@ def test_produce_shards_reports_unreadable_shards(broker: str, topic: str, tmp_p
     assert result.exit_code == 1
     out = json.loads(result.stdout)
     assert out["records"] == 5 and list(out["failed_shards"]) == ["00001.parquet"]
-    assert len(consume(broker, topic, 5)) == 5
+    assert len(consume_topic(broker, topic, 5)) == 5
 
 
 @pytest.mark.parametrize(
@@ -121,7 +106,7 @@ def test_produce_new_datasets(broker: str, topic: str, dataset: str, fmt: str) -
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {"topic": topic, "records": 40}
     expected: list[Record] = list(itertools.islice(iter_records(dataset), 40))
-    samples = [DECODER(m) for m in consume(broker, topic, 40)]
+    samples = [DECODER(m) for m in consume_topic(broker, topic, 40)]
     assert [(s.id, s.caption) for s in samples] == [(r.id, r.caption) for r in expected]
     assert not any(in_test_split(s.id) for s in samples)  # the train split: test stays reserved
 
