@@ -251,8 +251,7 @@ class TrainingService(ThreadService):
             # checkpoint's offsets point into one that is gone. The model resumes; the stream restarts.
             log.warning("embedded in-memory broker: the checkpoint's source positions do not apply")
         else:
-            self.source.load_state_dict(ckpt.manifest["source"])
-        self.loop.settled_source_state = self.source.state_dict()
+            self.loop.load_source_state(ckpt.manifest["source"])
         self.last_checkpoint = ckpt.path
         log.info(
             "resumed from checkpoint",

@@ -66,6 +66,7 @@ class LoopConfig:
 class Source(Protocol):
     def poll(self, timeout_s: float, max_records: int | None = None) -> Sequence[Any]: ...
     def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def pause(self) -> None: ...
     def resume(self) -> None: ...
 
@@ -141,6 +142,16 @@ class OnlineLoop:
     def request_grow(self) -> None:
         """Force a growth step at the next loop iteration (admin API)."""
         self._grow_requested.set()
+
+    def load_source_state(self, state: dict[str, Any]) -> None:
+        """Resume the source at a checkpoint's positions; they are settled by definition.
+
+        The ledger is restarted from them too: it would otherwise report the positions the source
+        had when the loop was built, and a checkpoint taken before new data arrives would record those.
+        """
+        self.source.load_state_dict(state)
+        self.ledger = SettledStates(self.source.state_dict())
+        self.settled_source_state = self.source.state_dict()
 
     @property
     def searching(self) -> bool:

@@ -1,7 +1,8 @@
-"""The online loop on a real topic: routing, settled positions, growth paused or beside training."""
+"""The online loop on a real topic and on shards: routing, settled positions, growth paused or beside it."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -14,13 +15,15 @@ from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, Kafk
 from growclip_stream.data.pipeline import Decoder
 from growclip_stream.data.produce import produce
 from growclip_stream.data.records import RecordLimits
+from growclip_stream.data.shards import ShardDeadLetter, ShardSource, write_parquet_shards
 from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.growth.controller import GrowthController, GrowthEvent
-from growclip_stream.model import ArchConfig, GrowCLIP, TowerConfig
+from growclip_stream.model import GrowCLIP
 from growclip_stream.model.tokenizer import ByteTokenizer
 from growclip_stream.train.config import TrainConfig
 from growclip_stream.train.loop import LoopConfig, OnlineLoop
 from growclip_stream.train.trainer import OnlineTrainer, StepStats
+from tests.helpers import tiny_arch
 
 
 class Recorder:
@@ -52,10 +55,7 @@ class Recorder:
 
 
 def build(broker: str, topic: str, growth: GrowthConfig) -> tuple[OnlineLoop, Recorder, KafkaSource]:
-    t = TowerConfig(width=16, depth=1, mlp_hidden=32, head_dim=8)
-    arch = ArchConfig(
-        image=t, text=t, shared=TowerConfig(width=16, depth=0, mlp_hidden=32, head_dim=8), embed_dim=16
-    )
+    arch = tiny_arch()
     source = KafkaSource(KafkaSourceConfig(broker, topic, group_id=topic, session_timeout_ms=2000,
                                            heartbeat_interval_ms=500))  # fmt: skip
     rec = Recorder()
@@ -119,3 +119,43 @@ def test_forced_growth_with_search(broker: str, topic: str, beside: bool) -> Non
         assert settled == 1200 and loop.trainer.samples == rec.records["trained"]
     loop.pipeline.close()
     source.close()
+
+
+def test_resumed_positions_are_what_the_next_checkpoint_records(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A run resumed from a checkpoint and stopped before new data arrives settles at the resumed
+    positions, not at those the source had before they were loaded."""
+    shards = tmp_path / "shards"
+    write_parquet_shards(
+        itertools.islice(iter_records("fashion-mnist", seed=2), 100), str(shards), per_shard=50
+    )
+
+    def loop_on_shards() -> OnlineLoop:
+        arch = tiny_arch()
+        train = TrainConfig(batch_size=16, warmup_steps=2)
+        rec = Recorder()
+        return OnlineLoop(
+            source=ShardSource(str(shards)),
+            dead_letter=ShardDeadLetter(str(tmp_path / "dead.jsonl")),
+            pipeline=DecodePipeline(
+                Decoder(ImageTransform(arch.image_size, arch.channels), RecordLimits()), 0.1, 1, "thread"
+            ),
+            tokenizer=ByteTokenizer(arch.context_length),
+            trainer=OnlineTrainer(GrowCLIP(arch), train),
+            growth=GrowthController(GrowthConfig(enabled=False), train),
+            cfg=LoopConfig(holdout_fraction=0.1, poll_timeout_s=0.05),
+            publish=rec.publish,
+            observer=rec,
+        )
+
+    first = loop_on_shards()
+    run_until(first, lambda: first.source.finished and first.pipeline.in_flight() == 0)
+    first.finish()
+    saved = first.settled_source_state
+    assert len(saved["completed"]) == 2
+    first.pipeline.close()
+
+    second = loop_on_shards()
+    second.load_source_state(saved)
+    second.finish()  # stopped at once: nothing new was read
+    assert second.settled_source_state == saved and second.trainer.samples == 0
+    second.pipeline.close()
