@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 
+from growclip_stream.growth.controller import PHASES
+
 if TYPE_CHECKING:
     from growclip_stream.serving import ModelSnapshot
 
 NAMESPACE = "growclip"
 
-GROWTH_PHASES = ("idle", "selecting", "training_supernet", "inheriting", "done")
-"""States of ``growclip_growth_phase``; the first is the initial state."""
+GROWTH_PHASES = PHASES
+"""States of ``growclip_growth_phase`` (the growth controller's phases); the first is the initial state."""
 
 GROWTH_TRIGGERS = ("plateau", "data_volume", "forced")
 """Known growth triggers, pre-created at zero so that ``rate()`` works from the first event."""

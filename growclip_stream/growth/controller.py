@@ -33,7 +33,7 @@ from growclip_stream.model import ArchConfig, GrowCLIP
 from growclip_stream.train.config import TrainConfig
 from growclip_stream.train.trainer import Batch
 
-PHASES = ("idle", "selecting", "training_supernet", "inheriting", "done")
+PHASES = ("idle", "selecting", "training_supernet", "inheriting", "done")  # reported through on_phase
 
 
 @dataclass(frozen=True)
