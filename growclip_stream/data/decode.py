@@ -19,8 +19,8 @@ over worker threads or processes:
 - **Threads or processes**: decoding is PIL and torch work, which mostly releases the GIL, plus
   JSON, base64 and Python glue, which do not. ``method="process"`` runs the decode in worker
   processes (``multiprocessing_context``, default ``forkserver``: never fork a process that runs
-  Kafka client threads); messages go to the workers as bytes and images come back as numpy
-  arrays (pickled inline, no shared-memory file per tensor). The decoder must then be picklable
+  Kafka client threads); messages go to the workers as bytes and images come back as ``uint8``
+  numpy arrays (pickled inline, no shared-memory file per tensor). The decoder must then be picklable
   (``pipeline.Decoder`` is), and the main module import-safe (``if __name__ == "__main__"``).
   Each worker imports torch: ~1 s to start, ~280 MiB resident. :data:`DEFAULT_METHOD` is
   ``"process"``: on our 2-core machines two worker processes decode 1.5x as fast as one, while two
@@ -190,7 +190,8 @@ class DecodePipeline(Generic[M]):
         pin_memory: page-locked images for asynchronous copies to CUDA (needs a GPU).
         max_in_flight: most messages inside the pipeline (submitted and not taken).
         multiprocessing_context: start method for process workers.
-        max_chunk: most messages a worker takes at once (see ``_Feed``).
+        max_chunk: most messages a worker takes at once (see ``_Feed``); 128 rather than 32 ran
+            ~10% faster under load on 2 cores, and a trickle still goes one message at a time.
     """
 
     def __init__(
@@ -206,7 +207,7 @@ class DecodePipeline(Generic[M]):
         pin_memory_device: str = "",
         max_in_flight: int = 1024,
         multiprocessing_context: str = "forkserver",
-        max_chunk: int = 32,
+        max_chunk: int = 128,
     ) -> None:
         if not 0.0 <= holdout_fraction <= 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1], got {holdout_fraction}")

@@ -1,13 +1,25 @@
-"""Safe image decoding and the deterministic transform from an image to a model input tensor.
+"""Safe image decoding and the deterministic transform from encoded bytes to model input pixels.
 
-:func:`decode_image` never trusts the bytes: the format comes from the magic number (PNG, JPEG or
-WebP only, so no permissive plugin can "identify" random bytes), the size from the header is
-checked against :class:`RecordLimits` *before* any pixel is decoded (decompression bombs), and the
-pixels are then fully loaded so a truncated stream fails here rather than later in a batch.
+Nothing about the bytes is trusted: the format comes from the magic number (PNG, JPEG or WebP
+only, so no permissive decoder can "identify" random bytes), the size from the header is checked
+against :class:`RecordLimits` *before* any pixel is decoded (decompression bombs), and the pixels
+are fully decoded so a truncated stream fails here rather than later in a batch.
+
+Two decoders, one result. The common cases (8-bit grey or RGB PNG without transparency, baseline
+or progressive grey / YCbCr JPEG, complete streams) go straight to OpenCV's ``imdecode``, which
+decodes grey directly and JPEGs at the smallest DCT scale that still covers the model input. That
+is ~2x cheaper per record than Pillow, and ingest is bounded by decode CPU (``bench/README.md``).
+Everything else (palette, alpha, 16-bit, CMYK, WebP, streams without their end marker) goes
+through Pillow (:func:`decode_image`), which also names the failure. Both feed the same resize
+and crop (:func:`_resize_and_crop`).
 
 Failures are :class:`RecordError` with reason ``not_an_image`` (unknown magic number),
 ``decompression_bomb`` (header claims too many pixels), ``truncated_image`` (decoding failed and
 the stream ends before the format's end marker) or ``bad_image`` (any other decode failure).
+
+Pixels stay ``uint8`` until a batch is formed (:func:`normalize`): a quarter of the bytes to move
+between decode processes and to keep in replay buffers, and one vectorised op per batch instead
+of several small tensor ops per image.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
@@ -33,22 +46,71 @@ _PLUGINS: dict[str, type[ImageFile.ImageFile]] = {
 MEAN = 0.5
 STD = 0.5
 
+# A bad record is counted and dead-lettered with its reason; OpenCV's own warnings about it
+# would only be unstructured noise on stderr.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+_PNG_END = b"IEND\xaeB`\x82"
+_JPEG_SOF_FAST = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman
+_JPEG_SOF_ALL = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+_REDUCED = {
+    1: {
+        2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+        4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+        8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+    },
+    3: {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8},
+}
+_FULL = {1: cv2.IMREAD_GRAYSCALE, 3: cv2.IMREAD_COLOR}
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """``uint8`` pixels (any shape) -> float32 in [-1, 1]: ``(x / 255 - MEAN) / STD``."""
+    return pixels.to(torch.float32).mul_(1.0 / (255.0 * STD)).sub_(MEAN / STD)
+
 
 def decode_image(data: bytes, limits: RecordLimits, min_side: int | None = None) -> Image.Image:
-    """Decodes encoded PNG / JPEG / WebP bytes into a fully loaded PIL image.
+    """Decodes encoded PNG / JPEG / WebP bytes into a fully loaded PIL image (the general decoder).
 
     ``min_side``: the caller only needs both sides at least this long (it resizes afterwards), so a
-    JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers it: several times
-    cheaper for large photos, at the cost of pixel values that differ slightly from a full decode
-    followed by the resize. The size limits apply to the size the header claims, before any scaling.
+    JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers it. The size limits
+    apply to the size the header claims, before any scaling.
     """
     ctype = sniff_content_type(data)  # RecordError("not_an_image") for unknown bytes
     try:
         img = _PLUGINS[ctype](io.BytesIO(data))
     except Exception as e:  # header parse failure: Pillow raises SyntaxError, OSError, struct.error, ...
         raise _decode_error(ctype, data, "header", e) from None
+    _check_size(*img.size, limits)
+    if min_side is not None and ctype == "image/jpeg":
+        img.draft(img.mode, (min_side, min_side))
+    try:
+        img.load()
+    except Exception as e:
+        raise _decode_error(ctype, data, "pixels", e) from None
+    return img
 
-    width, height = img.size
+
+def _decode(
+    data: bytes, limits: RecordLimits, channels: int, min_side: int | None
+) -> tuple[np.ndarray, bool]:
+    """Encoded bytes -> (``uint8`` pixels, whether their channels are in BGR order): (H, W) for
+    ``channels=1``, (H, W, 3) otherwise. Transparent pixels are composited onto white."""
+    ctype = sniff_content_type(data)  # RecordError("not_an_image") for unknown bytes
+    flags = None
+    if ctype == "image/png":
+        flags = _png_fast_flags(data, limits, channels)
+    elif ctype == "image/jpeg":
+        flags = _jpeg_fast_flags(data, limits, channels, min_side)
+    if flags is None:
+        return _pil_pixels(decode_image(data, limits, min_side), channels), False
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
+    if arr is None:  # the header was fine; the compressed data is not
+        raise _decode_error(ctype, data, "pixels", ValueError("corrupt compressed data"))
+    return arr, channels == 3  # OpenCV decodes colour as BGR
+
+
+def _check_size(width: int, height: int, limits: RecordLimits) -> None:
     if width <= 0 or height <= 0:
         raise RecordError("bad_image", f"image header claims size {width}x{height}")
     if max(width, height) > limits.max_image_side or width * height > limits.max_image_pixels:
@@ -57,13 +119,65 @@ def decode_image(data: bytes, limits: RecordLimits, min_side: int | None = None)
             f"image header claims {width}x{height}, limits {limits.max_image_side} per side and "
             f"{limits.max_image_pixels} pixels",
         )
-    if min_side is not None and ctype == "image/jpeg":
-        img.draft(img.mode, (min_side, min_side))
-    try:
-        img.load()
-    except Exception as e:
-        raise _decode_error(ctype, data, "pixels", e) from None
-    return img
+
+
+def _png_fast_flags(data: bytes, limits: RecordLimits, channels: int) -> int | None:
+    """OpenCV flags for an 8-bit grey or RGB PNG without transparency that ends with IEND, after
+    the size check; None sends anything else to Pillow."""
+    if len(data) < 33 or data[12:16] != b"IHDR" or not data.endswith(_PNG_END):
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    depth, color_type = data[24], data[25]
+    if depth != 8 or color_type not in (0, 2):
+        return None
+    idat = data.find(b"IDAT", 33)
+    if idat < 0 or data.find(b"tRNS", 33, idat) >= 0:
+        return None
+    _check_size(width, height, limits)
+    return _FULL[channels]
+
+
+def _jpeg_fast_flags(data: bytes, limits: RecordLimits, channels: int, min_side: int | None) -> int | None:
+    """OpenCV flags (with DCT scaling) for a complete grey or YCbCr Huffman JPEG, after the size
+    check; None sends anything else to Pillow."""
+    if not data.endswith(b"\xff\xd9"):
+        return None
+    frame = _jpeg_frame(data)
+    if frame is None:
+        return None
+    marker, width, height, components = frame
+    if marker not in _JPEG_SOF_FAST or components not in (1, 3):
+        return None
+    _check_size(width, height, limits)
+    if min_side is not None:
+        for factor in (8, 4, 2):
+            if -(-min(width, height) // factor) >= min_side:
+                return _REDUCED[channels][factor]
+    return _FULL[channels]
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
+    """(SOF marker, width, height, components) from the first frame header, walking the marker
+    segments before it; None when the stream does not reach one."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xDA:  # scan data before any frame header
+            return None
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in _JPEG_SOF_ALL:
+            if length < 8 or i + 10 > n:
+                return None
+            height = int.from_bytes(data[i + 5 : i + 7], "big")
+            width = int.from_bytes(data[i + 7 : i + 9], "big")
+            return marker, width, height, data[i + 9]
+        i += 2 + length
+    return None
 
 
 def _decode_error(ctype: str, data: bytes, stage: str, err: Exception) -> RecordError:
@@ -76,7 +190,7 @@ def _decode_error(ctype: str, data: bytes, stage: str, err: Exception) -> Record
 def _stream_is_complete(ctype: str, data: bytes) -> bool:
     """Whether the bytes reach the format's end: PNG's IEND chunk, JPEG's EOI, WebP's RIFF length."""
     if ctype == "image/png":
-        return data.endswith(b"IEND\xaeB`\x82")
+        return data.endswith(_PNG_END)
     if ctype == "image/jpeg":
         return data.endswith(b"\xff\xd9")
     riff_payload = int.from_bytes(data[4:8], "little")
@@ -85,11 +199,12 @@ def _stream_is_complete(ctype: str, data: bytes) -> bool:
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Image -> (channels, size, size) float32 tensor, deterministic.
+    """Encoded image -> (channels, size, size) pixels, deterministic.
 
     Transparent pixels are composited onto white, the image is converted to grayscale (channels=1)
-    or RGB (channels=3), its shorter side is resized to ``size`` (bicubic, antialiased), it is
-    center-cropped to a square, and values are normalised to ``(x - 0.5) / 0.5`` in [-1, 1].
+    or RGB (channels=3), its shorter side is resized to ``size`` (area averaging when shrinking,
+    bicubic when enlarging), it is center-cropped to a square; :func:`normalize` maps the ``uint8``
+    pixels to [-1, 1].
     """
 
     size: int
@@ -101,20 +216,30 @@ class ImageTransform:
         if self.channels not in (1, 3):
             raise ValueError(f"ImageTransform.channels must be 1 or 3, got {self.channels}")
 
+    def pixels(self, data: bytes, limits: RecordLimits) -> np.ndarray:
+        """Encoded bytes -> (C, size, size) ``uint8``: the one decode path that training, serving
+        and evaluation share, so a model sees the same pixels in all three."""
+        return self._finish(*_decode(data, limits, self.channels, min_side=self.size))
+
     def from_bytes(self, data: bytes, limits: RecordLimits) -> torch.Tensor:
-        """Decode and transform encoded image bytes: the one path training, serving and evaluation
-        share, so a model sees the same pixels in all three."""
-        return self(decode_image(data, limits, min_side=self.size))
+        """Encoded bytes -> (C, size, size) float32 in [-1, 1]."""
+        return normalize(torch.from_numpy(self.pixels(data, limits)))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = _to_mode(img, "L" if self.channels == 1 else "RGB")
-        img = _resize_shorter_side(img, self.size)
-        img = _center_crop(img, self.size)
-        arr = np.array(img, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
-        # (H, W) -> (1, H, W) or (H, W, 3) -> (3, H, W)
-        arr = arr[None, :, :] if self.channels == 1 else arr.transpose(2, 0, 1)
-        x = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32).div_(255.0)
-        return x.sub_(MEAN).div_(STD)
+        """A decoded PIL image -> (C, size, size) float32 in [-1, 1]."""
+        return normalize(torch.from_numpy(self._finish(_pil_pixels(img, self.channels), bgr=False)))
+
+    def _finish(self, arr: np.ndarray, bgr: bool) -> np.ndarray:
+        arr = _resize_and_crop(arr, self.size)
+        if arr.ndim == 2:
+            return np.ascontiguousarray(arr[None])  # (1, H, W)
+        chw = arr.transpose(2, 0, 1)  # (3, H, W)
+        return np.ascontiguousarray(chw[::-1] if bgr else chw)  # one copy: contiguous, writable, RGB
+
+
+def _pil_pixels(img: Image.Image, channels: int) -> np.ndarray:
+    img = _to_mode(img, "L" if channels == 1 else "RGB")
+    return np.array(img, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
 
 
 def _to_mode(img: Image.Image, mode: str) -> Image.Image:
@@ -130,20 +255,14 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img if img.mode == mode else img.convert(mode)
 
 
-def _resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
-    width, height = img.size
-    if min(width, height) == size:
-        return img
-    scale = size / min(width, height)
-    new_w = max(size, round(width * scale))
-    new_h = max(size, round(height * scale))
-    return img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-
-
-def _center_crop(img: Image.Image, size: int) -> Image.Image:
-    width, height = img.size
-    if width == size and height == size:
-        return img
-    left = (width - size) // 2
-    top = (height - size) // 2
-    return img.crop((left, top, left + size, top + size))
+def _resize_and_crop(arr: np.ndarray, size: int) -> np.ndarray:
+    """Shorter side to ``size`` (area averaging down, bicubic up), then the centered square."""
+    height, width = arr.shape[:2]
+    if min(width, height) != size:
+        scale = size / min(width, height)
+        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+        arr = cv2.resize(arr, (new_w, new_h), interpolation=interpolation)
+        height, width = new_h, new_w
+    top, left = (height - size) // 2, (width - size) // 2
+    return arr[top : top + size, left : left + size]

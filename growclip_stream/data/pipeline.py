@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from growclip_stream.data.images import ImageTransform
+from growclip_stream.data.images import ImageTransform, normalize
 from growclip_stream.data.records import RecordError, RecordLimits, decode_message, is_held_out
 from growclip_stream.model.tokenizer import ByteTokenizer
 from growclip_stream.train.trainer import Batch
@@ -31,7 +31,7 @@ class RawMessage(Protocol):
 @dataclass(frozen=True)
 class Sample:
     id: str
-    image: torch.Tensor  # (C, H, W) float32
+    image: torch.Tensor  # (C, H, W) uint8 pixels; collate() normalises a whole batch at once
     caption: str
 
 
@@ -44,13 +44,13 @@ class Decoder:
 
     def __call__(self, msg: RawMessage) -> Sample:
         record = decode_message(msg.value, msg.headers, self.limits)
-        image = self.transform.from_bytes(record.image, self.limits)
+        image = torch.from_numpy(self.transform.pixels(record.image, self.limits))
         return Sample(record.id, image, record.caption)
 
 
 def collate(samples: Sequence[Sample], tokenizer: ByteTokenizer) -> Batch:
     return Batch(
-        images=torch.stack([s.image for s in samples]),  # (B, C, H, W)
+        images=normalize(torch.stack([s.image for s in samples])),  # (B, C, H, W) float32
         tokens=tokenizer.encode([s.caption for s in samples]),  # (B, T)
         ids=tuple(s.id for s in samples),
     )

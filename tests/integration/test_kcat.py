@@ -18,7 +18,9 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from growclip_stream.data.datasets import iter_records
 from growclip_stream.data.images import ImageTransform
@@ -103,7 +105,8 @@ def test_json_records_from_kcat_train_through_our_source(
         assert status == "trained", (status, sample)
         assert not isinstance(sample, Exception)
         assert sample.caption == by_id[sample.id].caption and sample.image.shape == (3, 32, 32)
-        assert float(sample.image.min()) >= -1.0 and float(sample.image.max()) <= 1.0
+        expected = DECODER.transform.pixels(by_id[sample.id].image, DECODER.limits)
+        assert sample.image.dtype == torch.uint8 and np.array_equal(sample.image.numpy(), expected)
     assert route(DECODER, msgs[-1], 0.0)[0] == "bad_json"  # kcat's junk is dead-lettered, not trained
 
 

@@ -78,7 +78,7 @@ def assert_same(got: list[Routed[Msg]], messages: list[Msg]) -> None:
         else:
             assert isinstance(item.result, Sample) and item.sample is item.result and item.error is None
             assert (item.result.id, item.result.caption) == (result.id, result.caption)
-            assert item.result.image.dtype == torch.float32
+            assert item.result.image.dtype == torch.uint8
             assert torch.equal(item.result.image, result.image)
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
+from growclip_stream.data import images
 from growclip_stream.data.images import ImageTransform, decode_image
 from growclip_stream.data.records import RecordError, RecordLimits
 
@@ -185,3 +186,118 @@ def test_large_jpeg_decodes_at_a_reduced_scale_close_to_the_full_decode() -> Non
     png = io.BytesIO()
     base.save(png, format="PNG")
     assert decode_image(png.getvalue(), limits, min_side=28).size == (224, 224)  # only JPEG is scaled
+
+
+# -- the fast decoder (OpenCV) and the general one (Pillow) give the same pixels -------------------
+
+
+def via_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sends every image through the general decoder."""
+    monkeypatch.setattr(images, "_png_fast_flags", lambda *a: None)
+    monkeypatch.setattr(images, "_jpeg_fast_flags", lambda *a: None)
+
+
+def no_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails if an image reaches the general decoder."""
+
+    def fail(*a: object, **k: object) -> None:
+        raise AssertionError("the general decoder was used")
+
+    monkeypatch.setattr(images, "decode_image", fail)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_fast_path_matches_pillow(monkeypatch: pytest.MonkeyPatch, mode: str, channels: int) -> None:
+    data = encoded(noise(50, 30, mode), "PNG")
+    t = ImageTransform(size=24, channels=channels)
+    with monkeypatch.context() as m:
+        no_pillow(m)
+        fast = t.pixels(data, LIMITS)
+    with monkeypatch.context() as m:
+        via_pillow(m)
+        slow = t.pixels(data, LIMITS)
+    assert fast.dtype == slow.dtype == np.uint8 and fast.shape == slow.shape == (channels, 24, 24)
+    diff = np.abs(fast.astype(int) - slow.astype(int))
+    # lossless: identical, up to rounding in the RGB -> grey conversion
+    assert diff.max() <= (1 if (mode, channels) == ("RGB", 1) else 0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_jpeg_fast_path_matches_pillow(monkeypatch: pytest.MonkeyPatch, channels: int) -> None:
+    base = Image.fromarray(np.random.default_rng(3).integers(0, 256, (12, 12, 3), dtype=np.uint8))
+    data = encoded(base.resize((96, 64), Image.Resampling.BICUBIC), "JPEG", quality=95)
+    t = ImageTransform(size=24, channels=channels)  # 64 / 2 >= 24: both decode at half scale
+    with monkeypatch.context() as m:
+        no_pillow(m)
+        fast = t.pixels(data, LIMITS)
+    with monkeypatch.context() as m:
+        via_pillow(m)
+        slow = t.pixels(data, LIMITS)
+    assert fast.shape == slow.shape == (channels, 24, 24)
+    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 2.0  # same library, same DCT scale
+
+
+def test_fast_path_keeps_rgb_order() -> None:
+    red = encoded(Image.new("RGB", (8, 8), (255, 0, 0)), "PNG")
+    x = ImageTransform(8, 3).pixels(red, LIMITS)
+    assert (x[0] == 255).all() and (x[1] == 0).all() and (x[2] == 0).all()
+    red_jpeg = encoded(Image.new("RGB", (16, 16), (255, 0, 0)), "JPEG", quality=100)
+    y = ImageTransform(8, 3).pixels(red_jpeg, LIMITS).astype(int)
+    assert y[0].min() > 200 and y[1].max() < 40 and y[2].max() < 40
+
+
+def test_fast_path_failures_have_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    t = ImageTransform(16, 1)
+
+    def reason(data: bytes, limits: RecordLimits = LIMITS) -> str:
+        with pytest.raises(RecordError) as err:
+            t.pixels(data, limits)
+        return err.value.reason
+
+    no_pillow(monkeypatch)  # each of these is decided before or inside the fast decoder
+    assert reason(png_claiming(3000, 3000)) == "decompression_bomb"
+    jpeg = bytearray(encoded(noise(64, 48), "JPEG"))
+    sof = jpeg.index(b"\xff\xc0")
+    jpeg[sof + 5 : sof + 9] = (5000).to_bytes(2, "big") + (5000).to_bytes(2, "big")  # claims 5000x5000
+    assert reason(bytes(jpeg)) == "decompression_bomb"
+    data = bytearray(encoded(noise(64, 64), "PNG"))
+    idat = data.index(b"IDAT")
+    data[idat + 20 : idat + 60] = b"\x00" * 40  # corrupt compressed pixels; the stream is complete
+    assert reason(bytes(data)) == "bad_image"
+    corrupt_jpeg = bytearray(encoded(noise(64, 64), "JPEG"))
+    sos = corrupt_jpeg.index(b"\xff\xda")
+    corrupt_jpeg[sos + 2 : sos + 4] = b"\x00\x01"  # an impossible scan header length
+    assert reason(bytes(corrupt_jpeg)) == "bad_image"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_streams_through_the_transform(fmt: str) -> None:
+    data = encoded(noise(64, 64), fmt)
+    for cut in (len(data) // 3, len(data) - 40):
+        with pytest.raises(RecordError) as err:
+            ImageTransform(16, 3).pixels(data[:cut], LIMITS)
+        assert err.value.reason == "truncated_image", (fmt, cut)
+
+
+def test_exotic_images_take_the_general_decoder_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Palette, alpha, 16-bit and WebP images are decoded by Pillow, with the same transform."""
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    cases = [
+        encoded(rgba, "PNG"),
+        encoded(Image.new("P", (8, 8), 0), "PNG", transparency=0),
+        encoded(Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)), "PNG"),
+        encoded(Image.new("RGB", (8, 8), (255, 255, 255)), "WEBP", lossless=True),
+    ]
+    used: list[int] = []
+    real = images.decode_image
+    monkeypatch.setattr(images, "decode_image", lambda *a, **k: used.append(1) or real(*a, **k))
+    for data in cases:
+        assert (ImageTransform(8, 1).pixels(data, LIMITS) == 255).all()
+    assert len(used) == len(cases)
+
+
+def test_normalize_maps_uint8_to_unit_range() -> None:
+    x = images.normalize(torch.tensor([0, 255, 128], dtype=torch.uint8))
+    assert x.dtype == torch.float32
+    assert torch.allclose(x, torch.tensor([-1.0, 1.0, 128 / 255 * 2 - 1]), atol=1e-6)
