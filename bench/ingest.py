@@ -16,8 +16,8 @@ Variants, each timed from the first poll to the last record out:
 - ``raw``: a plain ``KafkaConsumer`` (same fetch settings as the source) polling every record;
 - ``sequential``: ``KafkaSource.poll`` then ``route()`` per message in the same thread;
 - ``thread-N`` / ``process-N``: ``KafkaSource`` feeding ``DecodePipeline`` (N workers) the way the
-  online loop does: poll at most ``room()`` records, pause the source while there is none, take
-  what is decoded;
+  online loop does: poll at most ``room()`` records without waiting while some are in flight, and
+  with no room wait for decoded items instead of polling;
 - ``decode-only``: the same decode paths over messages already in memory (no Kafka), showing the
   decode's own parallelism.
 
@@ -148,19 +148,18 @@ def sequential(bootstrap: str, topic: str, n: int) -> float:
 
 
 def pipelined(pipe: DecodePipeline[Message], bootstrap: str, topic: str, n: int) -> float:
-    """The online loop's ingest: poll at most room(), pause the source while there is none."""
+    """The online loop's ingest (``OnlineLoop.run_once``): poll at most ``room()`` records, without
+    waiting while some are being decoded; with no room, wait for decoded items instead of polling."""
     with _source(bootstrap, topic) as src:
         done = errors = 0
         t0 = time.perf_counter()
         while done < n:
             room = pipe.room()
-            if room == 0 and not src.paused:
-                src.pause()
-            elif room > 0 and src.paused:
-                src.resume()
-            msgs = src.poll(0.01 if pipe.in_flight() else 0.5, max_records=max(1, min(room, 500)))
-            pipe.submit(msgs)
-            for item in pipe.take(timeout_s=0.005 if not msgs else 0.0):
+            msgs: list[Message] = []
+            if room > 0:
+                msgs = src.poll(0.0 if pipe.in_flight() else 0.5, max_records=min(room, 500))
+                pipe.submit(msgs)
+            for item in pipe.take(timeout_s=0.0 if msgs else 0.05):
                 errors += item.error is not None
                 done += 1
         rate = n / (time.perf_counter() - t0)
@@ -232,6 +231,57 @@ def prepare(bootstrap: str, kind: str, n: int) -> Case:
     return Case(kind, topic, n, messages)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads), from ``/proc``; 0 once gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, stack = [], list(children.get(pid, []))
+    while stack:
+        child = stack.pop()
+        out.append(child)
+        stack.extend(children.get(child, []))
+    return out
+
+
+class CpuMeter:
+    """CPU seconds spent during a measurement by this process (the consumer, the pipeline's
+    threads), the broker, and every other descendant (decode worker processes)."""
+
+    def __init__(self, broker_pid: int) -> None:
+        self.broker_pid = broker_pid
+
+    def sample(self) -> dict[str, float]:
+        others = [p for p in _descendants(os.getpid()) if p != self.broker_pid]
+        return {
+            "consumer process": _cpu_seconds(os.getpid()),
+            "broker": _cpu_seconds(self.broker_pid),
+            "decode workers": sum(_cpu_seconds(p) for p in others),
+        }
+
+    def measure(self, fn: Callable[[], float], n: int) -> tuple[float, dict[str, float]]:
+        """(records/s, CPU microseconds per record by part) of one timed run of ``fn``."""
+        before = self.sample()
+        rate = fn()
+        after = self.sample()
+        return rate, {k: round((after[k] - before[k]) / n * 1e6, 1) for k in before}
+
+
 def wait_for_quiet(max_load: float | None, wait_s: float) -> float:
     """Waits (at most ``wait_s``) until the 1-minute load average is under ``max_load``; returns it.
 
@@ -249,6 +299,8 @@ def run(
     host = machine()  # before any pipeline runs
     broker = EmbeddedBroker(port=0)
     broker.start()
+    assert broker.pid is not None
+    meter = CpuMeter(broker.pid)
     pipes = {
         (method, workers): DecodePipeline[Message](DECODER, HOLDOUT, num_workers=workers, method=method)
         for method, workers in PIPELINES
@@ -258,6 +310,7 @@ def run(
         for pipe in pipes.values():  # start the workers (process workers import torch) before timing
             list(pipe.map(cases[0].messages[:64]))
         rates: dict[str, dict[str, list[float]]] = {c.kind: {} for c in cases}
+        cpu: dict[str, dict[str, list[dict[str, float]]]] = {c.kind: {} for c in cases}
         load: list[float] = []
         for r in range(rounds):
             load.append(wait_for_quiet(max_load, wait_s))
@@ -272,7 +325,9 @@ def run(
                     measure[f"{method}-{workers}"] = partial(pipelined, pipe, bootstrap, case.topic, case.n)
                     measure[f"decode-only {method}-{workers}"] = partial(decode_only, pipe, case.messages)
                 for name, fn in measure.items():
-                    rates[case.kind].setdefault(name, []).append(fn())
+                    rate, cpu_us = meter.measure(fn, case.n)
+                    rates[case.kind].setdefault(name, []).append(rate)
+                    cpu[case.kind].setdefault(name, []).append(cpu_us)
                 print(
                     f"round {r + 1}/{rounds} {case.kind}: "
                     + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates[case.kind].items()),
@@ -283,12 +338,13 @@ def run(
         for pipe in pipes.values():
             pipe.close()
         broker.stop()
-    return summarise(host, rates, counts, rounds, load)
+    return summarise(host, rates, cpu, counts, rounds, load)
 
 
 def summarise(
     host: dict[str, Any],
     rates: dict[str, dict[str, list[float]]],
+    cpu: dict[str, dict[str, list[dict[str, float]]]],
     counts: dict[str, int],
     rounds: int,
     load: list[float],
@@ -296,6 +352,10 @@ def summarise(
     results: dict[str, Any] = {}
     for kind, by_variant in rates.items():
         medians = {name: statistics.median(v) for name, v in by_variant.items()}
+        cpu_medians = {
+            name: {part: statistics.median(r[part] for r in runs) for part in runs[0]}
+            for name, runs in cpu[kind].items()
+        }
         raw = medians["raw"]
         full = {
             name: m for name, m in medians.items() if name != "raw" and not name.startswith("decode-only")
@@ -308,6 +368,9 @@ def summarise(
             "ratio_to_raw": {name: round(m / raw, 3) for name, m in full.items()},
             "best_full_path": best,
             "best_ratio_to_raw": round(full[best] / raw, 3),
+            # CPU microseconds per record, median over rounds, by part: what bounds the rate on
+            # this many cores
+            "median_cpu_us_per_record": cpu_medians,
             "target_ratio": 0.8,
             "meets_target": full[best] / raw >= 0.8,
         }

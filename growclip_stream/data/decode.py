@@ -14,18 +14,19 @@ over worker threads or processes:
   items come out as they finish; only the set is the same.
 - **Bounded memory, backpressure to the consumer**: at most ``max_in_flight`` messages are inside
   the pipeline (submitted and not taken). :meth:`DecodePipeline.room` says how many more fit; the
-  online loop polls the source for at most that many and pauses the source while it is 0 (see
-  ``KafkaSource.pause``), so a slow trainer slows the consumer instead of growing a queue.
-- **Threads or processes**: decoding is PIL and torch work, which mostly releases the GIL, plus
-  JSON, base64 and Python glue, which do not. ``method="process"`` runs the decode in worker
+  online loop polls the source for at most that many and not at all while it is 0 (the consumer's
+  own fetch buffer is bounded), so a slow trainer slows the consumer instead of growing a queue.
+- **Threads or processes**: decoding is OpenCV (or Pillow) work, which releases the GIL, plus
+  envelope parsing and Python glue, which do not. ``method="process"`` runs the decode in worker
   processes (``multiprocessing_context``, default ``forkserver``: never fork a process that runs
   Kafka client threads); messages go to the workers as bytes and images come back as ``uint8``
   numpy arrays (pickled inline, no shared-memory file per tensor). The decoder must then be picklable
   (``pipeline.Decoder`` is), and the main module import-safe (``if __name__ == "__main__"``).
   Each worker imports torch: ~1 s to start, ~280 MiB resident. :data:`DEFAULT_METHOD` is
-  ``"process"``: on our 2-core machines two worker processes decode 1.5x as fast as one, while two
-  threads are *slower* than one for ~2 KB images (the GIL-bound part dominates) and 1.4x for
-  ~20 KB ones (``bench/ingest.py``, ``bench/README.md``).
+  ``"process"``: on our 2-core machines the full ingest path ran at 0.31 of raw consumption with
+  two processes against 0.22 with two threads for ~2 KB images (the GIL-bound share is larger);
+  for ~20 KB images threads edge ahead, 0.52 against 0.48, since no message is copied to another
+  process (``bench/ingest.py``, ``bench/README.md``).
 - **pin_memory**: set it when the trainer's device is CUDA; images then come out in page-locked
   memory (torchdata's ``PinMemory`` node), so ``tensor.to("cuda", non_blocking=True)`` copies
   asynchronously. It needs a CUDA build of torch and a GPU; it is not exercised by the CPU tests.
