@@ -301,3 +301,30 @@ def test_normalize_maps_uint8_to_unit_range() -> None:
     x = images.normalize(torch.tensor([0, 255, 128], dtype=torch.uint8))
     assert x.dtype == torch.float32
     assert torch.allclose(x, torch.tensor([-1.0, 1.0, 128 / 255 * 2 - 1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_corrupted_bytes_never_escape_as_anything_but_a_reason(fmt: str) -> None:
+    """Untrusted bytes reach a C decoder: random byte flips, cuts and splices of valid images must
+    each end as pixels of the right shape or a RecordError, in this process (no crash, no hang)."""
+    rng = np.random.default_rng(7)
+    mode = "L" if fmt == "PNG" else "RGB"
+    base = encoded(noise(48, 40, mode), fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    t = ImageTransform(16, 3)
+    outcomes: dict[str, int] = {}
+    for _ in range(300):
+        data = bytearray(base)
+        for _ in range(int(rng.integers(1, 8))):
+            data[int(rng.integers(0, len(data)))] = int(rng.integers(0, 256))
+        if rng.random() < 0.3:
+            cut = int(rng.integers(len(data) // 2, len(data)))
+            data = data[:cut] + (data[-12:] if rng.random() < 0.5 else b"")  # keep or drop the end marker
+        try:
+            x = t.pixels(bytes(data), LIMITS)
+        except RecordError as e:
+            outcomes[e.reason] = outcomes.get(e.reason, 0) + 1
+            continue
+        assert x.shape == (3, 16, 16) and x.dtype == np.uint8
+        outcomes["decoded"] = outcomes.get("decoded", 0) + 1
+    assert set(outcomes) <= {"decoded", "bad_image", "truncated_image", "not_an_image", "decompression_bomb"}
+    assert outcomes.get("decoded", 0) > 0 and len(outcomes) > 1  # both outcomes were exercised
