@@ -35,6 +35,26 @@ def tiny_arch(width: int = 16, shared_depth: int = 0) -> ArchConfig:
     return ArchConfig(image=tower, text=tower, shared=shared, embed_dim=16)
 
 
+def operator_arch(shared_depth: int = 1) -> ArchConfig:
+    """8x8 images, towers of different widths and MLP sizes: the growth operators' test model,
+    small enough to check function preservation exhaustively."""
+    return ArchConfig(
+        image=TowerConfig(16, 1, 32, head_dim=8),
+        text=TowerConfig(16, 1, 24, head_dim=8),
+        shared=TowerConfig(16, shared_depth, 32, head_dim=8),
+        embed_dim=8,
+        image_size=8,
+        patch_size=4,
+        context_length=8,
+    )
+
+
+def random_model(arch: ArchConfig, seed: int = 0) -> GrowCLIP:
+    """A model with every parameter random (see :func:`randomized`)."""
+    torch.manual_seed(seed)
+    return randomized(GrowCLIP(arch), seed)
+
+
 def random_batches(arch: ArchConfig, n: int, size: int = 8, seed: int = 0) -> list[Batch]:
     g = torch.Generator().manual_seed(seed)
     return [

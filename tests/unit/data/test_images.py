@@ -206,17 +206,24 @@ def no_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(images, "decode_image", fail)
 
 
-@pytest.mark.parametrize("mode", ["L", "RGB"])
-@pytest.mark.parametrize("channels", [1, 3])
-def test_png_fast_path_matches_pillow(monkeypatch: pytest.MonkeyPatch, mode: str, channels: int) -> None:
-    data = encoded(noise(50, 30, mode), "PNG")
-    t = ImageTransform(size=24, channels=channels)
+def both_paths(
+    monkeypatch: pytest.MonkeyPatch, t: ImageTransform, data: bytes
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels from the fast decoder, pixels from the general one) of the same bytes."""
     with monkeypatch.context() as m:
         no_pillow(m)
         fast = t.pixels(data, LIMITS)
     with monkeypatch.context() as m:
         via_pillow(m)
         slow = t.pixels(data, LIMITS)
+    return fast, slow
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_fast_path_matches_pillow(monkeypatch: pytest.MonkeyPatch, mode: str, channels: int) -> None:
+    data = encoded(noise(50, 30, mode), "PNG")
+    fast, slow = both_paths(monkeypatch, ImageTransform(size=24, channels=channels), data)
     assert fast.dtype == slow.dtype == np.uint8 and fast.shape == slow.shape == (channels, 24, 24)
     diff = np.abs(fast.astype(int) - slow.astype(int))
     # lossless: identical, up to rounding in the RGB -> grey conversion
@@ -227,13 +234,8 @@ def test_png_fast_path_matches_pillow(monkeypatch: pytest.MonkeyPatch, mode: str
 def test_jpeg_fast_path_matches_pillow(monkeypatch: pytest.MonkeyPatch, channels: int) -> None:
     base = Image.fromarray(np.random.default_rng(3).integers(0, 256, (12, 12, 3), dtype=np.uint8))
     data = encoded(base.resize((96, 64), Image.Resampling.BICUBIC), "JPEG", quality=95)
-    t = ImageTransform(size=24, channels=channels)  # 64 / 2 >= 24: both decode at half scale
-    with monkeypatch.context() as m:
-        no_pillow(m)
-        fast = t.pixels(data, LIMITS)
-    with monkeypatch.context() as m:
-        via_pillow(m)
-        slow = t.pixels(data, LIMITS)
+    # 64 / 2 >= 24: both decode at half scale
+    fast, slow = both_paths(monkeypatch, ImageTransform(size=24, channels=channels), data)
     assert fast.shape == slow.shape == (channels, 24, 24)
     assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 2.0  # same library, same DCT scale
 

@@ -4,28 +4,12 @@ import pytest
 import torch
 
 from growclip_stream.growth.operators import GrowthOp, apply_op, apply_ops, grow_arch
-from growclip_stream.model import ArchConfig, ByteTokenizer, ClipLoss, GrowCLIP, TowerConfig
-from tests.helpers import randomized
+from growclip_stream.model import ArchConfig, ByteTokenizer, ClipLoss, GrowCLIP
+from tests.helpers import operator_arch as base_arch
+from tests.helpers import random_model
 
 TOWERS = ("image", "text", "shared")
 TOL = 1e-5
-
-
-def base_arch(shared_depth: int = 1) -> ArchConfig:
-    return ArchConfig(
-        image=TowerConfig(16, 1, 32, head_dim=8),
-        text=TowerConfig(16, 1, 24, head_dim=8),
-        shared=TowerConfig(16, shared_depth, 32, head_dim=8),
-        embed_dim=8,
-        image_size=8,
-        patch_size=4,
-        context_length=8,
-    )
-
-
-def random_model(arch: ArchConfig, seed: int = 0) -> GrowCLIP:
-    torch.manual_seed(seed)
-    return randomized(GrowCLIP(arch), seed)
 
 
 def inputs(arch: ArchConfig, seed: int = 123) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,10 +5,11 @@ from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.growth.operators import GrowthOp
 from growclip_stream.growth.space import Candidate, candidate_set, make_candidate
 from growclip_stream.growth.supernet import Supernet, union_ops
-from growclip_stream.model import ArchConfig, ByteTokenizer, ClipLoss, GrowCLIP, TowerConfig
+from growclip_stream.model import ArchConfig, ByteTokenizer, ClipLoss, GrowCLIP
 from growclip_stream.train.config import TrainConfig
 from growclip_stream.train.trainer import Batch
-from tests.helpers import randomized
+from tests.helpers import operator_arch as arch
+from tests.helpers import random_model
 
 TOL = 1e-5
 
@@ -26,23 +27,6 @@ SPACE = (
     "deepen:text+2",
     "deepen:shared+1",
 )
-
-
-def arch(shared_depth: int = 1) -> ArchConfig:
-    return ArchConfig(
-        image=TowerConfig(16, 1, 32, head_dim=8),
-        text=TowerConfig(16, 1, 24, head_dim=8),
-        shared=TowerConfig(16, shared_depth, 32, head_dim=8),
-        embed_dim=8,
-        image_size=8,
-        patch_size=4,
-        context_length=8,
-    )
-
-
-def random_model(a: ArchConfig, seed: int = 0) -> GrowCLIP:
-    torch.manual_seed(seed)
-    return randomized(GrowCLIP(a), seed)
 
 
 def batch(a: ArchConfig, seed: int = 0, n: int = 8) -> Batch:
