@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 
 # color_message: uvicorn adds an ANSI-coloured copy of its message
@@ -42,9 +43,42 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class RepeatFilter(logging.Filter):
+    """Lets through at most one record per ``interval_s`` for each (logger, level, message
+    template) of the named loggers and their children; the next one that passes carries
+    ``suppressed=N``.
+
+    For third-party clients that log every retry: during a broker outage kafka-python logs an
+    error per reconnect attempt, several a second, which would bury our own (rate-limited) lines.
+    """
+
+    def __init__(self, loggers: tuple[str, ...], interval_s: float = 30.0) -> None:
+        super().__init__()
+        self.loggers = loggers
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}  # key -> (last passed, suppressed)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not any(record.name == p or record.name.startswith(p + ".") for p in self.loggers):
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._seen.get(key, (float("-inf"), 0))
+            if now - last < self.interval_s:
+                self._seen[key] = (last, suppressed + 1)
+                return False
+            self._seen[key] = (now, 0)
+        if suppressed:
+            record.suppressed = suppressed
+        return True
+
+
 def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RepeatFilter(("kafka",)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
