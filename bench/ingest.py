@@ -8,7 +8,8 @@ variant. Two record sizes, made from real Fashion-MNIST train images (Debian
 - ``20k``: upscaled to 224x224, tinted to RGB, with Gaussian noise texture (sigma 13) added so the
   JPEG (quality 90) weighs ~20 KB, as a photo of that size would.
 
-Records go in the JSON wire format (base64 image, so messages are ~1.35x the image size), one
+Records go in the JSON wire format (base64 image, so messages are ~1.35x the image size) or, with
+``--format binary``, as the image bytes with id, caption and content type in Kafka headers; one
 partition per topic. The decode target is the demo model's input (28x28, 1 channel).
 
 Variants, each timed from the first poll to the last record out:
@@ -23,7 +24,7 @@ Variants, each timed from the first poll to the last record out:
 
 Repetitions are interleaved (every variant once per round) so that other load on the machine
 hits all variants alike; medians are reported, with the 1-minute load average sampled per
-round. Usage: ``.venv/bin/python bench/ingest.py [--rounds 5] [--quick]``.
+round. Usage: ``.venv/bin/python bench/ingest.py [--rounds 5] [--quick] [--format binary]``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import kafka
 import numpy as np
@@ -61,6 +62,7 @@ from growclip_stream.data.records import Record, RecordLimits
 ROOT = Path(__file__).resolve().parents[1]
 HOLDOUT = 0.02
 DECODER = Decoder(ImageTransform(size=28, channels=1), RecordLimits())
+WireFormat = Literal["json", "binary"]
 PIPELINES: tuple[tuple[Method, int], ...] = (("thread", 1), ("thread", 2), ("process", 1), ("process", 2))
 
 
@@ -214,11 +216,11 @@ def machine() -> dict[str, Any]:
     }
 
 
-def prepare(bootstrap: str, kind: str, n: int) -> Case:
+def prepare(bootstrap: str, kind: str, n: int, wire_format: WireFormat) -> Case:
     records = make_records(kind, n)
     topic = f"ingest-{kind}-{uuid.uuid4().hex[:6]}"
     ensure_topics(bootstrap, [topic])
-    produce(bootstrap, topic, records)
+    produce(bootstrap, topic, records, fmt=wire_format)
     with _source(bootstrap, topic) as src:  # read back once: the messages for decode-only, and a warm broker
         messages: list[Message] = []
         while len(messages) < n:
@@ -294,7 +296,11 @@ def wait_for_quiet(max_load: float | None, wait_s: float) -> float:
 
 
 def run(
-    rounds: int, counts: dict[str, int], max_load: float | None = None, wait_s: float = 0.0
+    rounds: int,
+    counts: dict[str, int],
+    wire_format: WireFormat = "json",
+    max_load: float | None = None,
+    wait_s: float = 0.0,
 ) -> dict[str, Any]:
     host = machine()  # before any pipeline runs
     broker = EmbeddedBroker(port=0)
@@ -306,7 +312,7 @@ def run(
         for method, workers in PIPELINES
     }
     try:
-        cases = [prepare(broker.bootstrap, kind, n) for kind, n in counts.items()]
+        cases = [prepare(broker.bootstrap, kind, n, wire_format) for kind, n in counts.items()]
         for pipe in pipes.values():  # start the workers (process workers import torch) before timing
             list(pipe.map(cases[0].messages[:64]))
         rates: dict[str, dict[str, list[float]]] = {c.kind: {} for c in cases}
@@ -338,7 +344,7 @@ def run(
         for pipe in pipes.values():
             pipe.close()
         broker.stop()
-    return summarise(host, rates, cpu, counts, rounds, load)
+    return summarise(host, rates, cpu, counts, rounds, load, wire_format)
 
 
 def summarise(
@@ -348,6 +354,7 @@ def summarise(
     counts: dict[str, int],
     rounds: int,
     load: list[float],
+    wire_format: WireFormat,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for kind, by_variant in rates.items():
@@ -379,7 +386,7 @@ def summarise(
         "machine": host,
         "rounds": rounds,
         "loadavg_1min_per_round": [round(x, 2) for x in load],
-        "decode": {"image_size": 28, "channels": 1, "holdout_fraction": HOLDOUT, "wire_format": "json"},
+        "decode": {"image_size": 28, "channels": 1, "holdout_fraction": HOLDOUT, "wire_format": wire_format},
         "results": results,
     }
 
@@ -403,17 +410,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--max-load", type=float, default=None, help="wait for a lower load average per round"
     )
     parser.add_argument("--wait-s", type=float, default=600.0, help="longest wait for --max-load, per round")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
+    parser.add_argument(
+        "--format", choices=("json", "binary"), default="json", help="the wire format of the records"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default: results/ingest[_binary].json")
     args = parser.parse_args(argv)
+    suffix = "" if args.format == "json" else "_binary"
+    out: Path = args.out or ROOT / "bench" / "results" / f"ingest{suffix}.json"
     counts = {"2k": args.records_2k, "20k": args.records_20k}
     rounds = args.rounds
     if args.quick:
         counts, rounds = {"2k": 1500, "20k": 600}, 2
-    summary = run(rounds, counts, args.max_load, args.wait_s)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    summary = run(rounds, counts, args.format, args.max_load, args.wait_s)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
     print(table(summary))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
