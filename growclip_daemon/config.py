@@ -43,6 +43,9 @@ class ShardSettings(Strict):
     dead_letter: str | None = (
         None  # JSON-lines file for bad rows; default: _dead_letter.jsonl beside the shards
     )
+    # fsspec storage options for the shards and the dead letter, e.g. {"endpoint_url": ...} for an
+    # S3-compatible store; credentials usually come from the environment (AWS_* variables)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class DataSettings(Strict):

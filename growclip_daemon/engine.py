@@ -223,8 +223,15 @@ class TrainingService(ThreadService):
         if cfg.source == "shards":
             url = cfg.shards.url
             assert url is not None  # the config validation guarantees it
-            source = ShardSource(url, watch=cfg.shards.watch, poll_interval_s=cfg.shards.poll_interval_s)
-            return source, ShardDeadLetter(cfg.shards.dead_letter or dead_letter_url(url))
+            shards = cfg.shards
+            source = ShardSource(
+                url,
+                watch=shards.watch,
+                poll_interval_s=shards.poll_interval_s,
+                storage_options=shards.storage_options,
+            )
+            dlq_url = shards.dead_letter or dead_letter_url(url)
+            return source, ShardDeadLetter(dlq_url, storage_options=shards.storage_options)
         topic = cfg.kafka.topic
         ensure_topics(self.runtime.bootstrap, [topic, f"{topic}.dlq"], partitions=cfg.kafka.partitions)
         kafka = KafkaSource(

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def create_bucket(s3_endpoint: str, prefix: str) -> str:
+    """A new, empty bucket on the test S3 server; returns its name."""
+    bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    request = urllib.request.Request(f"{s3_endpoint}/{bucket}", method="PUT")
+    urllib.request.urlopen(request, timeout=10).close()
+    return bucket
+
+
+def s3_options(s3_endpoint: str) -> dict[str, Any]:
+    """fsspec storage options for the test S3 server."""
+    return {
+        "endpoint_url": s3_endpoint,
+        "key": "test",
+        "secret": "test",
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
 
 
 def tiny_arch(width: int = 16, shared_depth: int = 0) -> ArchConfig:

@@ -10,12 +10,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -30,7 +26,7 @@ from growclip_stream.data.datasets import iter_records
 from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, KafkaSourceConfig, Message
 from growclip_stream.data.produce import ReliableProducer, ensure_topics, produce
 from growclip_stream.data.records import Record, RecordLimits, decode_message
-from tests.helpers import Daemon, free_port
+from tests.helpers import Daemon, create_bucket
 
 LIMITS = RecordLimits()
 OUTAGE_S = 30.0  # how long the broker stays down in the restart test
@@ -172,47 +168,10 @@ def test_producer_is_recreated_after_a_restart_and_loses_nothing(tmp_path: Path)
 # -- a broker restart on durable storage --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A local S3-compatible server (moto's) on a free loopback port."""
-    pytest.importorskip("moto.server", reason="the restart test needs moto[server] (requirements.txt)")
-    port = free_port()
-    log_file = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, "moto server exited"
-            try:
-                urllib.request.urlopen(url + "/", timeout=1).close()
-                break
-            except (urllib.error.URLError, OSError):
-                assert time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log_file.close()
-
-
 @pytest.fixture
 def s3_storage(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """An empty bucket, and the environment the broker needs to use it."""
-    bucket = f"tansu-{uuid.uuid4().hex[:12]}"
-    urllib.request.urlopen(
-        urllib.request.Request(f"{s3_endpoint}/{bucket}", method="PUT"), timeout=10
-    ).close()
+    bucket = create_bucket(s3_endpoint, "tansu")
     for key, value in {
         "AWS_ENDPOINT": s3_endpoint,
         "AWS_ALLOW_HTTP": "true",
