@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import signal
 import socket
 import subprocess
@@ -18,6 +20,7 @@ import httpx
 import torch
 
 from growclip_stream.data.kafka_source import KafkaSource, KafkaSourceConfig, Message
+from growclip_stream.data.pipeline import Decoder, RawMessage, Sample
 from growclip_stream.model import ArchConfig, GrowCLIP, TowerConfig
 from growclip_stream.train.trainer import Batch
 
@@ -28,6 +31,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class CrashingDecoder(Decoder):
+    """A decoder that dies by SIGSEGV on the message ``b"crash"``, as a C image library might on
+    hostile bytes; only inside a worker process (never the test runner)."""
+
+    def __call__(self, msg: RawMessage) -> Sample:
+        if msg.value == b"crash" and multiprocessing.parent_process() is not None:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return super().__call__(msg)
 
 
 def create_bucket(s3_endpoint: str, prefix: str) -> str:

@@ -30,6 +30,12 @@ over worker threads or processes:
 - **pin_memory**: set it when the trainer's device is CUDA; images then come out in page-locked
   memory (torchdata's ``PinMemory`` node), so ``tensor.to("cuda", non_blocking=True)`` copies
   asynchronously. It needs a CUDA build of torch and a GPU; it is not exercised by the CPU tests.
+- **A worker process that dies** (a decoder library crashing on hostile bytes, the OOM killer)
+  would otherwise stall the pipeline for good: torchdata waits for its results forever.
+  :meth:`~DecodePipeline.take` checks the workers every ``_WATCH_INTERVAL_S``; when one is gone,
+  the pipeline is rebuilt, and the records that were inside it are decoded again one at a time in
+  a separate process. A record whose decoding kills that process too comes out as ``bad_image``
+  (:data:`CRASH_DETAIL`), to be dead-lettered; the order of the output is kept.
 - **Shutdown**: :meth:`DecodePipeline.close` (or leaving the ``with`` block) drops what was not
   decoded yet, stops and joins every thread and worker process. An exception other than
   ``RecordError`` raised while decoding (a bug, not a bad record) is re-raised by ``take``.
@@ -51,6 +57,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Generic, Literal, TypeVar
@@ -73,6 +81,8 @@ M = TypeVar("M", bound=RawMessage)
 
 _SUBMIT_CHUNK = 64  # map(): messages pulled from the iterable per submit
 _JOIN_TIMEOUT_S = 5.0
+_WATCH_INTERVAL_S = 0.5  # how often take() checks that the worker processes are alive
+CRASH_DETAIL = "a decode worker process died while decoding this record"
 
 
 @dataclass(frozen=True)
@@ -146,7 +156,7 @@ class _Feed:
         self._items: deque[_WorkItem] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._workers = max(1, num_workers)
+        self._num_workers = max(1, num_workers)
         self._max_chunk = max_chunk
 
     def put(self, items: Iterable[_WorkItem]) -> None:
@@ -163,6 +173,15 @@ class _Feed:
                 self._items.clear()
             self._cond.notify_all()
 
+    def detach(self) -> list[_WorkItem]:
+        """Closes the feed and hands back what its reader has not taken yet."""
+        with self._cond:
+            items = list(self._items)
+            self._items.clear()
+            self._closed = True
+            self._cond.notify_all()
+        return items
+
     def __iter__(self) -> Iterator[list[_WorkItem]]:
         return self
 
@@ -173,7 +192,7 @@ class _Feed:
                     raise StopIteration
                 self._cond.wait(0.1)
             queued = len(self._items)
-            n = min(self._max_chunk, max(1, -(-queued // self._workers)))
+            n = min(self._max_chunk, max(1, -(-queued // self._num_workers)))
             return [self._items.popleft() for _ in range(n)]
 
 
@@ -245,6 +264,9 @@ class DecodePipeline(Generic[M]):
         self._feed = _Feed(num_workers, max_chunk)
         self._node: tn.BaseNode[list[_WorkerOut]] | None = None
         self._collector: threading.Thread | None = None
+        self._next_watch = 0.0
+        self.worker_deaths = 0  # worker processes found dead (each one rebuilt the pipeline)
+        self.crashed_records = 0  # records that killed a decode process on their own
         self._torch_threads = torch.get_num_threads()  # the caller's intra-op threads, kept as they are
         self._threads_in_process = (method == "thread" and num_workers > 0) or pin_memory
 
@@ -258,11 +280,18 @@ class DecodePipeline(Generic[M]):
                 raise RuntimeError("the decode pipeline is closed")
             if self._collector is not None:
                 return
-            self._node = self._build()
-            self._node.reset()  # starts the threads and workers now, in this thread
-            torch.set_num_threads(self._torch_threads)  # see _keep_torch_threads
-            self._collector = threading.Thread(target=self._collect, name="decode-collector", daemon=True)
-            self._collector.start()
+            self._start_node()
+
+    def _start_node(self) -> None:
+        """Builds the node chain over the current feed and its collector thread (lock held)."""
+        node = self._build()
+        node.reset()  # starts the threads and workers now, in this thread
+        torch.set_num_threads(self._torch_threads)  # see _keep_torch_threads
+        self._node = node
+        self._collector = threading.Thread(
+            target=self._collect, args=(node,), name="decode-collector", daemon=True
+        )
+        self._collector.start()
 
     def _keep_torch_threads(self) -> None:
         """torchdata's worker and pin-memory threads call ``torch.set_num_threads(1)``. With
@@ -291,23 +320,98 @@ class DecodePipeline(Generic[M]):
             node = tn.PinMemory(node, pin_memory_device=self.pin_memory_device, snapshot_frequency=0)
         return tn.Prefetcher(node, prefetch_factor=self.prefetch, snapshot_frequency=0)
 
-    def _collect(self) -> None:
-        node = self._node
-        assert node is not None
+    def _collect(self, node: tn.BaseNode[list[_WorkerOut]]) -> None:
+        """Moves decoded chunks to the output; a node replaced after a worker died is left alone
+        (its records are decoded again by the recovery)."""
         try:
             for chunk in node:
                 with self._ready:
+                    if node is not self._node:
+                        return
                     if not self._closed:
                         self._out.extend(chunk)
                     self._ready.notify_all()
         except BaseException as e:  # re-raised by take(): a bug in decoding, not a bad record
             with self._ready:
-                self._error = e
-                self._ready.notify_all()
+                if node is self._node:
+                    self._error = e
+                    self._ready.notify_all()
         finally:
             with self._ready:
-                self._finished = True
-                self._ready.notify_all()
+                if node is self._node:
+                    self._finished = True
+                    self._ready.notify_all()
+
+    # -- dead worker processes --------------------------------------------------------------------
+
+    def _watch_workers(self) -> None:
+        if self.method != "process" or self.num_workers == 0:
+            return
+        now = time.monotonic()
+        if now < self._next_watch:
+            return
+        self._next_watch = now + _WATCH_INTERVAL_S
+        node = self._node
+        if node is None:
+            return
+        dead = [p for p in _worker_processes(node) if not p.is_alive()]
+        if dead:
+            self._recover(node, [p.exitcode for p in dead])
+
+    def _recover(self, node: tn.BaseNode[list[_WorkerOut]], exitcodes: list[int | None]) -> None:
+        """Replaces a node that lost a worker; decodes the records it held one at a time."""
+        self.worker_deaths += len(exitcodes)
+        with self._lock:
+            if node is not self._node or self._closed:
+                return
+            self._node = None  # its collector now leaves the output alone
+            queued = self._feed.detach()  # not read by the old node yet: they go to the new one
+            self._feed = _Feed(self.num_workers, self.max_chunk)
+            collector, self._collector = self._collector, None
+        _shutdown_nodes(node)
+        if collector is not None:
+            collector.join(_JOIN_TIMEOUT_S)
+        with self._lock:
+            out = {seq for seq, _, _ in self._out}
+            waiting = {seq for seq, _, _ in queued}
+            suspects = [
+                (seq, msg.value, tuple(msg.headers))
+                for seq, msg in sorted(self._messages.items())
+                if seq not in out and seq not in waiting
+            ]
+        log.error(
+            "decode worker process died; re-decoding the records it may have held one at a time",
+            extra={"exitcodes": exitcodes, "records": len(suspects)},
+        )
+        routed = self._decode_one_by_one(suspects)
+        with self._ready:
+            self._out.extend(routed)  # in order: before anything still queued
+            self._feed.put(queued)
+            self._start_node()
+            self._ready.notify_all()
+
+    def _decode_one_by_one(self, items: list[_WorkItem]) -> list[_WorkerOut]:
+        """Each item decoded alone in a separate process, so a record that kills it is identified."""
+        worker = _RouteWorker(self.decoder, self.holdout_fraction, to_numpy=True)
+        context = multiprocessing.get_context(self.multiprocessing_context)
+        out: list[_WorkerOut] = []
+        pool: ProcessPoolExecutor | None = None
+        try:
+            for item in items:
+                if pool is None:
+                    pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+                try:
+                    out.extend(pool.submit(worker, [item]).result())
+                except BrokenProcessPool:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    pool = None
+                    self.crashed_records += 1
+                    log.error("a record killed the decode process; dead-lettering it", extra={"seq": item[0]})
+                    out.append((item[0], "bad_image", ("bad_image", CRASH_DETAIL)))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+        return _images_to_tensors(out)
 
     def close(self) -> None:
         """Drops what was not decoded yet, then stops and joins every thread and worker. Idempotent."""
@@ -365,15 +469,17 @@ class DecodePipeline(Generic[M]):
                 self._seq += 1
                 self._messages[seq] = msg
                 items.append((seq, msg.value, tuple(msg.headers)))
-        self._feed.put(items)
+            self._feed.put(items)  # under the lock: a recovery may swap the feed
 
     def take(self, max_items: int | None = None, timeout_s: float = 0.0) -> list[Routed[M]]:
         """Routed items ready now (at most ``max_items``), in arrival order when ``in_order``.
 
         Waits up to ``timeout_s`` for the first one when none is ready and some are in flight;
-        ``timeout_s=0`` never blocks. Re-raises an unexpected decode exception.
+        ``timeout_s=0`` never blocks. Re-raises an unexpected decode exception. Checks that the
+        worker processes are alive (see the module docstring).
         """
         self._keep_torch_threads()
+        self._watch_workers()
         deadline = time.monotonic() + max(0.0, timeout_s)
         with self._ready:
             while not self._out:
@@ -457,11 +563,8 @@ def _routed(message: M, status: str, payload: tuple[Any, ...]) -> Routed[M]:
     return Routed(message, status, Sample(sample_id, image, caption))
 
 
-def _shutdown_nodes(node: tn.BaseNode[Any]) -> None:
-    """Stops the threads and worker processes of a node chain now rather than at garbage
-    collection. torchdata 0.11 has no public shutdown: each node's running iterator has a
-    ``_shutdown()`` (joins its threads and processes); worker processes still alive after it are
-    terminated."""
+def _node_chain(node: tn.BaseNode[Any]) -> Iterator[Any]:
+    """The node and the iterators and sources under it (torchdata 0.11 internals: ``_it``, ``source``)."""
     seen: set[int] = set()
     stack: list[Any] = [node]
     while stack:
@@ -469,6 +572,26 @@ def _shutdown_nodes(node: tn.BaseNode[Any]) -> None:
         if obj is None or id(obj) in seen:
             continue
         seen.add(id(obj))
+        yield obj
+        for attr in ("_it", "source"):
+            stack.append(getattr(obj, attr, None))
+
+
+def _worker_processes(node: tn.BaseNode[Any]) -> list[multiprocessing.process.BaseProcess]:
+    return [
+        worker
+        for obj in _node_chain(node)
+        for worker in getattr(obj, "_workers", ())
+        if isinstance(worker, multiprocessing.process.BaseProcess)
+    ]
+
+
+def _shutdown_nodes(node: tn.BaseNode[Any]) -> None:
+    """Stops the threads and worker processes of a node chain now rather than at garbage
+    collection. torchdata 0.11 has no public shutdown: each node's running iterator has a
+    ``_shutdown()`` (joins its threads and processes); worker processes still alive after it are
+    terminated."""
+    for obj in _node_chain(node):
         shutdown = getattr(obj, "_shutdown", None)
         if callable(shutdown):
             try:
@@ -481,5 +604,3 @@ def _shutdown_nodes(node: tn.BaseNode[Any]) -> None:
                 if isinstance(worker, multiprocessing.process.BaseProcess) and worker.is_alive():
                     worker.terminate()
                     worker.join(1.0)
-        for attr in ("_it", "source"):
-            stack.append(getattr(obj, attr, None))

@@ -6,6 +6,8 @@ import base64
 import io
 import json
 import multiprocessing
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -15,10 +17,18 @@ import pytest
 import torch
 from PIL import Image
 
-from growclip_stream.data.decode import DecodePipeline, Method, Routed, SettledStates
+from growclip_stream.data.decode import (
+    CRASH_DETAIL,
+    DecodePipeline,
+    Method,
+    Routed,
+    SettledStates,
+    _worker_processes,
+)
 from growclip_stream.data.images import ImageTransform
 from growclip_stream.data.pipeline import Decoder, RawMessage, Sample, route
 from growclip_stream.data.records import Record, RecordError, RecordLimits, encode_binary, encode_json
+from tests.helpers import CrashingDecoder
 
 LIMITS = RecordLimits(max_image_pixels=10_000, max_image_side=200)
 DECODER = Decoder(ImageTransform(size=16, channels=1), LIMITS)
@@ -241,3 +251,47 @@ def test_torch_threads_are_left_alone(method: Method) -> None:
         assert len(got) == len(mixed_messages(20))
     finally:
         torch.set_num_threads(before)
+
+
+def drain_pipe(pipe: DecodePipeline[Msg], n: int, timeout_s: float = 60.0) -> list[Routed[Msg]]:
+    got: list[Routed[Msg]] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < n:
+        assert time.monotonic() < deadline, f"{len(got)} of {n} routed items came out"
+        got += pipe.take(timeout_s=0.2)
+    return got
+
+
+def test_a_record_that_kills_its_worker_is_dead_lettered_and_the_rest_flow_in_order() -> None:
+    crashing = CrashingDecoder(DECODER.transform, LIMITS)
+    messages = mixed_messages(30)
+    poisoned = [*messages[:17], Msg(b"crash"), *messages[17:]]
+    with DecodePipeline[Msg](crashing, HOLDOUT, num_workers=2, method="process", max_chunk=4) as pipe:
+        pipe.submit(poisoned)
+        got = drain_pipe(pipe, len(poisoned))
+        assert [g.message for g in got] == poisoned  # in order, each once
+        crash = got[17]
+        assert crash.status == "bad_image" and crash.error is not None and crash.error.detail == CRASH_DETAIL
+        assert_same(got[:17] + got[18:], messages)  # everything else decoded as usual
+        assert pipe.worker_deaths >= 1 and pipe.crashed_records == 1
+        # the rebuilt pipeline keeps working, and survives the same record again
+        more = [*messages[:5], Msg(b"crash"), *messages[5:9]]
+        pipe.submit(more)
+        again = drain_pipe(pipe, len(more))
+        assert [g.status for g in again][5] == "bad_image" and pipe.crashed_records == 2
+        assert_same(again[:5] + again[6:], messages[:9])
+
+
+def test_a_worker_killed_from_outside_loses_nothing() -> None:
+    """The OOM killer's way: the process goes, no record is to blame, every record comes out."""
+    messages = mixed_messages(200)
+    with DecodePipeline[Msg](DECODER, HOLDOUT, num_workers=2, method="process", max_chunk=8) as pipe:
+        pipe.start()
+        pipe.submit(messages[:100])
+        workers = _worker_processes(pipe._node) if pipe._node is not None else []
+        assert len(workers) == 2
+        os.kill(workers[0].pid or 0, signal.SIGKILL)
+        pipe.submit(messages[100:])
+        got = drain_pipe(pipe, len(messages))
+        assert_same(got, messages)
+        assert pipe.worker_deaths == 1 and pipe.crashed_records == 0
