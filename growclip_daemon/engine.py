@@ -151,6 +151,7 @@ class TrainingService(ThreadService):
         self.dead_letter: KafkaDeadLetter | ShardDeadLetter | None = None
         self.observer = MetricsObserver(metrics, source_label=cfg.source)
         self._last_lag_update = 0.0
+        self._worker_deaths = 0  # decode worker deaths already counted in the metrics
         self._lag: dict[int, int] = {}
         self.checkpointer = Checkpointer(cfg.checkpoint.root, keep=cfg.checkpoint.keep)
         self._checkpoint_requests: queue.SimpleQueue[Future[str]] = queue.SimpleQueue()
@@ -272,8 +273,9 @@ class TrainingService(ThreadService):
         self.save_checkpoint("shutdown")  # the loop has finished its step: everything consumed is settled
 
     def _tick(self) -> None:
-        """Runs in the training thread between iterations: lag, and checkpoints (never mid-step)."""
-        self._update_lag()
+        """Runs in the training thread between iterations: ingest metrics (lag, decode worker deaths),
+        and checkpoints (never mid-step)."""
+        self._update_ingest_metrics()
         every = self.cfg.checkpoint.every_s
         if every and time.monotonic() - self._last_save >= every:
             self.save_checkpoint("periodic")
@@ -311,11 +313,14 @@ class TrainingService(ThreadService):
         log.info("checkpoint committed", extra={"reason": reason, "path": path, "positions": source_state})
         return path
 
-    def _update_lag(self) -> None:
+    def _update_ingest_metrics(self) -> None:
         now = time.monotonic()
         if self.source is None or now - self._last_lag_update < 2.0:
             return
         self._last_lag_update = now
+        if self.pipeline is not None and self.pipeline.worker_deaths > self._worker_deaths:
+            self.metrics.decode_worker_deaths.inc(self.pipeline.worker_deaths - self._worker_deaths)
+            self._worker_deaths = self.pipeline.worker_deaths
         self._lag = self.source.lag()
         if self.cfg.source == "kafka":
             for partition, lag in self._lag.items():

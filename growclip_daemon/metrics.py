@@ -167,6 +167,13 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.decode_worker_deaths = Counter(
+            "ingest_decode_worker_deaths",
+            "Decode worker processes found dead; each rebuilt the decode pipeline (records that "
+            "killed a worker are counted under ingest_records as bad_image).",
+            namespace=ns,
+            registry=r,
+        )
         self.kafka_lag = Gauge(
             "kafka_consumer_lag_records",
             "Records between the consumer position and the high watermark, per assigned partition.",

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.queues
 import threading
 import time
 from collections import deque
@@ -590,7 +591,7 @@ def _shutdown_nodes(node: tn.BaseNode[Any]) -> None:
     """Stops the threads and worker processes of a node chain now rather than at garbage
     collection. torchdata 0.11 has no public shutdown: each node's running iterator has a
     ``_shutdown()`` (joins its threads and processes); worker processes still alive after it are
-    terminated."""
+    terminated, and its multiprocessing queues are not flushed at exit."""
     for obj in _node_chain(node):
         shutdown = getattr(obj, "_shutdown", None)
         if callable(shutdown):
@@ -604,3 +605,9 @@ def _shutdown_nodes(node: tn.BaseNode[Any]) -> None:
                 if isinstance(worker, multiprocessing.process.BaseProcess) and worker.is_alive():
                     worker.terminate()
                     worker.join(1.0)
+        for value in list(vars(obj).values()) if hasattr(obj, "__dict__") else ():
+            if isinstance(value, multiprocessing.queues.Queue):
+                # what is still queued for a worker is dropped; without this, interpreter exit
+                # waits for the queue's feeder thread, which blocks for good on a pipe that no
+                # (dead) worker reads
+                value.cancel_join_thread()
