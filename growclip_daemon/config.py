@@ -51,6 +51,9 @@ class ShardSettings(Strict):
 class DataSettings(Strict):
     decode_workers: int = Field(2, ge=0)  # parallel decode workers (0: decode in the pipeline's own thread)
     decode_method: Literal["process", "thread"] = "process"  # processes scale on CPU; threads share the GIL
+    # process workers with records in flight and nothing decoded for this long are replaced; a record
+    # that alone takes longer is dead-lettered (bad_image)
+    decode_stall_timeout_s: float = Field(60.0, gt=0)
     max_message_bytes: int = Field(2_000_000, ge=1024)
     max_caption_chars: int = Field(1000, ge=1)
     max_image_pixels: int = Field(4_000_000, ge=64)

@@ -151,7 +151,7 @@ class TrainingService(ThreadService):
         self.dead_letter: KafkaDeadLetter | ShardDeadLetter | None = None
         self.observer = MetricsObserver(metrics, source_label=cfg.source)
         self._last_lag_update = 0.0
-        self._worker_deaths = 0  # decode worker deaths already counted in the metrics
+        self._worker_deaths = self._stalls = 0  # decode worker deaths and stalls already in the metrics
         self._lag: dict[int, int] = {}
         self.checkpointer = Checkpointer(cfg.checkpoint.root, keep=cfg.checkpoint.keep)
         self._checkpoint_requests: queue.SimpleQueue[Future[str]] = queue.SimpleQueue()
@@ -201,6 +201,7 @@ class TrainingService(ThreadService):
             num_workers=cfg.data.decode_workers,
             method=cfg.data.decode_method,
             max_in_flight=4 * cfg.train.batch_size,
+            stall_timeout_s=cfg.data.decode_stall_timeout_s,
             pin_memory=cfg.train.device.startswith("cuda"),
         )
         self.pipeline.start()
@@ -318,9 +319,11 @@ class TrainingService(ThreadService):
         if self.source is None or now - self._last_lag_update < 2.0:
             return
         self._last_lag_update = now
-        if self.pipeline is not None and self.pipeline.worker_deaths > self._worker_deaths:
-            self.metrics.decode_worker_deaths.inc(self.pipeline.worker_deaths - self._worker_deaths)
-            self._worker_deaths = self.pipeline.worker_deaths
+        if self.pipeline is not None:
+            deaths, stalls = self.pipeline.worker_deaths, self.pipeline.stalls
+            self.metrics.decode_worker_deaths.inc(deaths - self._worker_deaths)
+            self.metrics.decode_stalls.inc(stalls - self._stalls)
+            self._worker_deaths, self._stalls = deaths, stalls
         self._lag = self.source.lag()
         if self.cfg.source == "kafka":
             for partition, lag in self._lag.items():

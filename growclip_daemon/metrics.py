@@ -174,6 +174,12 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.decode_stalls = Counter(
+            "ingest_decode_stalls",
+            "Times the decode workers made no progress for data.decode_stall_timeout_s and were replaced.",
+            namespace=ns,
+            registry=r,
+        )
         self.kafka_lag = Gauge(
             "kafka_consumer_lag_records",
             "Records between the consumer position and the high watermark, per assigned partition.",

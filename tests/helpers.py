@@ -35,11 +35,14 @@ def free_port() -> int:
 
 class CrashingDecoder(Decoder):
     """A decoder that dies by SIGSEGV on the message ``b"crash"``, as a C image library might on
-    hostile bytes; only inside a worker process (never the test runner)."""
+    hostile bytes, and never returns on ``b"hang"``; only inside a worker process (never the test
+    runner)."""
 
     def __call__(self, msg: RawMessage) -> Sample:
         if msg.value == b"crash" and multiprocessing.parent_process() is not None:
             os.kill(os.getpid(), signal.SIGSEGV)
+        if msg.value == b"hang" and multiprocessing.parent_process() is not None:
+            time.sleep(3600)
         return super().__call__(msg)
 
 

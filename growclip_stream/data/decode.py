@@ -35,7 +35,9 @@ over worker threads or processes:
   :meth:`~DecodePipeline.take` checks the workers every ``_WATCH_INTERVAL_S``; when one is gone,
   the pipeline is rebuilt, and the records that were inside it are decoded again one at a time in
   a separate process. A record whose decoding kills that process too comes out as ``bad_image``
-  (:data:`CRASH_DETAIL`), to be dead-lettered; the order of the output is kept.
+  (:data:`CRASH_DETAIL`), to be dead-lettered; the order of the output is kept. Workers that make
+  no progress for ``stall_timeout_s`` with records in flight are killed and handled the same way;
+  a record that alone takes longer is dead-lettered (:data:`STALL_DETAIL`).
 - **Shutdown**: :meth:`DecodePipeline.close` (or leaving the ``with`` block) drops what was not
   decoded yet, stops and joins every thread and worker process. An exception other than
   ``RecordError`` raised while decoding (a bug, not a bad record) is re-raised by ``take``.
@@ -84,6 +86,7 @@ _SUBMIT_CHUNK = 64  # map(): messages pulled from the iterable per submit
 _JOIN_TIMEOUT_S = 5.0
 _WATCH_INTERVAL_S = 0.5  # how often take() checks that the worker processes are alive
 CRASH_DETAIL = "a decode worker process died while decoding this record"
+STALL_DETAIL = "decoding this record took longer than the decode stall timeout"
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,9 @@ class DecodePipeline(Generic[M]):
         multiprocessing_context: start method for process workers.
         max_chunk: most messages a worker takes at once (see ``_Feed``); 128 rather than 32 ran
             ~10% faster under load on 2 cores, and a trickle still goes one message at a time.
+        stall_timeout_s: process workers only: with messages in flight and nothing decoded for
+            this long, the workers are taken as stuck and replaced, like dead ones; a single
+            record that takes longer alone is dead-lettered. None: never.
     """
 
     def __init__(
@@ -229,6 +235,7 @@ class DecodePipeline(Generic[M]):
         max_in_flight: int = 1024,
         multiprocessing_context: str = "forkserver",
         max_chunk: int = 128,
+        stall_timeout_s: float | None = 60.0,
     ) -> None:
         if not 0.0 <= holdout_fraction <= 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1], got {holdout_fraction}")
@@ -238,6 +245,8 @@ class DecodePipeline(Generic[M]):
             raise ValueError(f"method must be 'thread' or 'process', got {method!r}")
         if prefetch < 1 or max_in_flight < 1 or max_chunk < 1:
             raise ValueError("prefetch, max_in_flight and max_chunk must be >= 1")
+        if stall_timeout_s is not None and stall_timeout_s <= 0:
+            raise ValueError(f"stall_timeout_s must be positive or None, got {stall_timeout_s}")
         if pin_memory and pin_memory_device in ("", "cuda") and not torch.cuda.is_available():
             raise ValueError("pin_memory needs a CUDA device, and torch.cuda.is_available() is False")
         if multiprocessing_context not in multiprocessing.get_all_start_methods():
@@ -253,6 +262,7 @@ class DecodePipeline(Generic[M]):
         self.max_in_flight = max_in_flight
         self.multiprocessing_context = multiprocessing_context
         self.max_chunk = max_chunk
+        self.stall_timeout_s = stall_timeout_s
 
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
@@ -266,8 +276,10 @@ class DecodePipeline(Generic[M]):
         self._node: tn.BaseNode[list[_WorkerOut]] | None = None
         self._collector: threading.Thread | None = None
         self._next_watch = 0.0
+        self._progress_at = time.monotonic()  # last time a chunk came out, or the pipeline was idle
         self.worker_deaths = 0  # worker processes found dead (each one rebuilt the pipeline)
         self.crashed_records = 0  # records that killed a decode process on their own
+        self.stalls = 0  # times the workers were replaced for making no progress
         self._torch_threads = torch.get_num_threads()  # the caller's intra-op threads, kept as they are
         self._threads_in_process = (method == "thread" and num_workers > 0) or pin_memory
 
@@ -331,6 +343,7 @@ class DecodePipeline(Generic[M]):
                         return
                     if not self._closed:
                         self._out.extend(chunk)
+                    self._progress_at = time.monotonic()
                     self._ready.notify_all()
         except BaseException as e:  # re-raised by take(): a bug in decoding, not a bad record
             with self._ready:
@@ -355,13 +368,34 @@ class DecodePipeline(Generic[M]):
         node = self._node
         if node is None:
             return
-        dead = [p for p in _worker_processes(node) if not p.is_alive()]
+        workers = _worker_processes(node)
+        dead = [p for p in workers if not p.is_alive()]
         if dead:
             self._recover(node, [p.exitcode for p in dead])
+            return
+        with self._lock:
+            stalled = (
+                self.stall_timeout_s is not None
+                and bool(self._messages)
+                and now - self._progress_at > self.stall_timeout_s
+            )
+        if stalled:
+            self.stalls += 1
+            log.error(
+                "decode workers made no progress; replacing them",
+                extra={"stall_timeout_s": self.stall_timeout_s, "in_flight": self.in_flight()},
+            )
+            for p in workers:
+                p.kill()
+                p.join(1.0)
+            self._recover(node, [p.exitcode for p in workers], deaths=False)
 
-    def _recover(self, node: tn.BaseNode[list[_WorkerOut]], exitcodes: list[int | None]) -> None:
+    def _recover(
+        self, node: tn.BaseNode[list[_WorkerOut]], exitcodes: list[int | None], deaths: bool = True
+    ) -> None:
         """Replaces a node that lost a worker; decodes the records it held one at a time."""
-        self.worker_deaths += len(exitcodes)
+        if deaths:
+            self.worker_deaths += len(exitcodes)
         with self._lock:
             if node is not self._node or self._closed:
                 return
@@ -389,10 +423,12 @@ class DecodePipeline(Generic[M]):
             self._out.extend(routed)  # in order: before anything still queued
             self._feed.put(queued)
             self._start_node()
+            self._progress_at = time.monotonic()  # the new workers' stall clock starts now
             self._ready.notify_all()
 
     def _decode_one_by_one(self, items: list[_WorkItem]) -> list[_WorkerOut]:
-        """Each item decoded alone in a separate process, so a record that kills it is identified."""
+        """Each item decoded alone in a separate process, so a record that kills it (or takes
+        longer than ``stall_timeout_s``) is identified and dead-lettered."""
         worker = _RouteWorker(self.decoder, self.holdout_fraction, to_numpy=True)
         context = multiprocessing.get_context(self.multiprocessing_context)
         out: list[_WorkerOut] = []
@@ -401,14 +437,19 @@ class DecodePipeline(Generic[M]):
             for item in items:
                 if pool is None:
                     pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+                future = pool.submit(worker, [item])
                 try:
-                    out.extend(pool.submit(worker, [item]).result())
+                    out.extend(future.result(timeout=self.stall_timeout_s))
+                    continue
                 except BrokenProcessPool:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    pool = None
-                    self.crashed_records += 1
-                    log.error("a record killed the decode process; dead-lettering it", extra={"seq": item[0]})
-                    out.append((item[0], "bad_image", ("bad_image", CRASH_DETAIL)))
+                    detail = CRASH_DETAIL
+                except TimeoutError:
+                    detail = STALL_DETAIL
+                _kill_pool(pool)
+                pool = None
+                self.crashed_records += 1
+                log.error("a record broke the decode process; dead-lettering it", extra={"detail": detail})
+                out.append((item[0], "bad_image", ("bad_image", detail)))
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
@@ -464,6 +505,8 @@ class DecodePipeline(Generic[M]):
                     f"{len(messages)} messages do not fit: {len(self._messages)} in flight, "
                     f"max_in_flight={self.max_in_flight}"
                 )
+            if not self._messages:  # idle until now: the stall clock starts here
+                self._progress_at = time.monotonic()
             items = []
             for msg in messages:
                 seq = self._seq
@@ -562,6 +605,15 @@ def _routed(message: M, status: str, payload: tuple[Any, ...]) -> Routed[M]:
         return Routed(message, status, RecordError(reason, detail))
     sample_id, image, caption = payload
     return Routed(message, status, Sample(sample_id, image, caption))
+
+
+def _kill_pool(pool: ProcessPoolExecutor) -> None:
+    """Shuts a one-process pool down now, killing its process if it is stuck in a decode."""
+    processes = list(getattr(pool, "_processes", {}).values())  # CPython's executor internals
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _node_chain(node: tn.BaseNode[Any]) -> Iterator[Any]:

@@ -37,6 +37,7 @@ EXPECTED_FAMILIES = {
     "growclip_growth_last_duration_seconds": "gauge",
     "growclip_ingest_records_total": "counter",
     "growclip_ingest_decode_worker_deaths_total": "counter",
+    "growclip_ingest_decode_stalls_total": "counter",
     "growclip_kafka_consumer_lag_records": "gauge",
     "growclip_checkpoint_duration_seconds": "histogram",
     "growclip_checkpoint_last_success_timestamp_seconds": "gauge",

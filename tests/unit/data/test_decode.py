@@ -19,6 +19,7 @@ from PIL import Image
 
 from growclip_stream.data.decode import (
     CRASH_DETAIL,
+    STALL_DETAIL,
     DecodePipeline,
     Method,
     Routed,
@@ -280,6 +281,26 @@ def test_a_record_that_kills_its_worker_is_dead_lettered_and_the_rest_flow_in_or
         again = drain_pipe(pipe, len(more))
         assert [g.status for g in again][5] == "bad_image" and pipe.crashed_records == 2
         assert_same(again[:5] + again[6:], messages[:9])
+
+
+def test_a_record_that_hangs_its_worker_is_dead_lettered_after_the_stall_timeout() -> None:
+    crashing = CrashingDecoder(DECODER.transform, LIMITS)
+    messages = mixed_messages(20)
+    poisoned = [*messages[:7], Msg(b"hang"), *messages[7:]]
+    with DecodePipeline[Msg](crashing, HOLDOUT, num_workers=2, method="process", stall_timeout_s=2.0) as pipe:
+        pipe.submit(poisoned)
+        got = drain_pipe(pipe, len(poisoned))
+        assert [g.message for g in got] == poisoned
+        assert got[7].status == "bad_image" and got[7].error is not None
+        assert got[7].error.detail == STALL_DETAIL
+        assert_same(got[:7] + got[8:], messages)
+        assert pipe.stalls == 1 and pipe.crashed_records == 1 and pipe.worker_deaths == 0
+        # an idle pipeline is not a stalled one
+        time.sleep(2.5)
+        assert pipe.take() == [] and pipe.stalls == 1
+        pipe.submit(messages[:4])
+        assert_same(drain_pipe(pipe, 4), messages[:4])
+        assert pipe.stalls == 1
 
 
 def test_a_worker_killed_from_outside_loses_nothing() -> None:
