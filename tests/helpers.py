@@ -33,6 +33,45 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _parent_pids() -> dict[int, int]:
+    """pid -> parent pid of every process, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live children of pid."""
+    return [child for child, parent in _parent_pids().items() if parent == pid]
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Every live descendant of pid."""
+    parents = _parent_pids()
+    found, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        found += kids
+        frontier += kids
+    return found
+
+
+def process_alive(pid: int) -> bool:
+    """Whether pid runs (a zombie does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 class CrashingDecoder(Decoder):
     """A decoder that dies by SIGSEGV on the message ``b"crash"``, as a C image library might on
     hostile bytes, and never returns on ``b"hang"``; only inside a worker process (never the test

@@ -12,36 +12,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.helpers import DAEMON, Daemon
+from tests.helpers import DAEMON, Daemon, descendant_pids, process_alive
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def children_of(pid: int) -> list[int]:
-    """Every live descendant of pid, read from /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parents.items() if pp == p]
-        found += kids
-        frontier += kids
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def png_b64(value: int) -> str:
@@ -110,13 +83,13 @@ def test_daemon_trains_grows_serves_and_stops_cleanly(tmp_path: Path) -> None:
         metrics = client.get("/metrics").text
         assert "growclip_train_samples_total" in metrics and "growclip_growth_events_total" in metrics
 
-        kids = children_of(daemon.proc.pid)
+        kids = descendant_pids(daemon.proc.pid)
         assert kids, "the embedded broker should run as a child process"
     finally:
         code = daemon.stop()
     assert code == 0, daemon.log_tail()
     time.sleep(0.2)
-    assert not [k for k in kids if alive(k)], "a child process outlived the daemon"
+    assert not [k for k in kids if process_alive(k)], "a child process outlived the daemon"
     assert not (tmp_path / "daemon.pid").exists()
     assert daemon.manifest()["growth"]["history"], "the final checkpoint holds the grown model"
 

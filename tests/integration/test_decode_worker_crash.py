@@ -10,22 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Daemon
+from tests.helpers import Daemon, child_pids
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
 
 
 def cmdline(pid: int) -> str:
@@ -58,9 +45,9 @@ def test_killing_a_decode_worker_does_not_stop_ingest(tmp_path: Path) -> None:
             return metric(client.get("/metrics").text, "growclip_train_samples_total")
 
         daemon.wait_for(lambda: daemon.get("/readyz") and samples() > 500, 120, "training")
-        forkserver = [p for p in children(daemon.proc.pid) if "multiprocessing.forkserver" in cmdline(p)]
-        assert len(forkserver) == 1, [cmdline(p) for p in children(daemon.proc.pid)]
-        workers = children(forkserver[0])
+        forkserver = [p for p in child_pids(daemon.proc.pid) if "multiprocessing.forkserver" in cmdline(p)]
+        assert len(forkserver) == 1, [cmdline(p) for p in child_pids(daemon.proc.pid)]
+        workers = child_pids(forkserver[0])
         assert len(workers) == 2, workers
         os.kill(workers[0], signal.SIGKILL)
 
@@ -74,7 +61,7 @@ def test_killing_a_decode_worker_does_not_stop_ingest(tmp_path: Path) -> None:
         assert resp.status_code == 200
         after = samples()
         daemon.wait_for(lambda: samples() > after + 500, 60, "training after the worker died")
-        assert len(children(forkserver[0])) == 2  # the rebuilt pipeline has its two workers
+        assert len(child_pids(forkserver[0])) == 2  # the rebuilt pipeline has its two workers
         assert (
             metric(
                 client.get("/metrics").text,

@@ -263,37 +263,34 @@ def drain_pipe(pipe: DecodePipeline[Msg], n: int, timeout_s: float = 60.0) -> li
     return got
 
 
+def poisoned_run(pipe: DecodePipeline[Msg], messages: list[Msg], at: int, poison: bytes, detail: str) -> None:
+    """Submits ``messages`` with a poison record inserted at ``at``: every record comes out once,
+    in order, the poison one dead-lettered as bad_image with ``detail``, the rest decoded as usual."""
+    poisoned = [*messages[:at], Msg(poison), *messages[at:]]
+    pipe.submit(poisoned)
+    got = drain_pipe(pipe, len(poisoned))
+    assert [g.message for g in got] == poisoned
+    bad = got[at]
+    assert bad.status == "bad_image" and bad.error is not None and bad.error.detail == detail
+    assert_same(got[:at] + got[at + 1 :], messages)
+
+
 def test_a_record_that_kills_its_worker_is_dead_lettered_and_the_rest_flow_in_order() -> None:
     crashing = CrashingDecoder(DECODER.transform, LIMITS)
     messages = mixed_messages(30)
-    poisoned = [*messages[:17], Msg(b"crash"), *messages[17:]]
     with DecodePipeline[Msg](crashing, HOLDOUT, num_workers=2, method="process", max_chunk=4) as pipe:
-        pipe.submit(poisoned)
-        got = drain_pipe(pipe, len(poisoned))
-        assert [g.message for g in got] == poisoned  # in order, each once
-        crash = got[17]
-        assert crash.status == "bad_image" and crash.error is not None and crash.error.detail == CRASH_DETAIL
-        assert_same(got[:17] + got[18:], messages)  # everything else decoded as usual
+        poisoned_run(pipe, messages, 17, b"crash", CRASH_DETAIL)
         assert pipe.worker_deaths >= 1 and pipe.crashed_records == 1
         # the rebuilt pipeline keeps working, and survives the same record again
-        more = [*messages[:5], Msg(b"crash"), *messages[5:9]]
-        pipe.submit(more)
-        again = drain_pipe(pipe, len(more))
-        assert [g.status for g in again][5] == "bad_image" and pipe.crashed_records == 2
-        assert_same(again[:5] + again[6:], messages[:9])
+        poisoned_run(pipe, messages[:9], 5, b"crash", CRASH_DETAIL)
+        assert pipe.crashed_records == 2
 
 
 def test_a_record_that_hangs_its_worker_is_dead_lettered_after_the_stall_timeout() -> None:
     crashing = CrashingDecoder(DECODER.transform, LIMITS)
     messages = mixed_messages(20)
-    poisoned = [*messages[:7], Msg(b"hang"), *messages[7:]]
     with DecodePipeline[Msg](crashing, HOLDOUT, num_workers=2, method="process", stall_timeout_s=2.0) as pipe:
-        pipe.submit(poisoned)
-        got = drain_pipe(pipe, len(poisoned))
-        assert [g.message for g in got] == poisoned
-        assert got[7].status == "bad_image" and got[7].error is not None
-        assert got[7].error.detail == STALL_DETAIL
-        assert_same(got[:7] + got[8:], messages)
+        poisoned_run(pipe, messages, 7, b"hang", STALL_DETAIL)
         assert pipe.stalls == 1 and pipe.crashed_records == 1 and pipe.worker_deaths == 0
         # an idle pipeline is not a stalled one
         time.sleep(2.5)
