@@ -27,6 +27,7 @@ of several small tensor ops per image.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 
 import cv2
@@ -64,6 +65,22 @@ _REDUCED = {
     3: {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8},
 }
 _FULL = {1: cv2.IMREAD_GRAYSCALE, 3: cv2.IMREAD_COLOR}
+
+
+def silence_native_warnings() -> None:
+    """Points this process's file descriptor 2 at /dev/null. For decode worker processes only.
+
+    libpng and libjpeg write their warnings about damaged images ("libpng error: IDAT: incorrect
+    data check", "Corrupt JPEG data: ...") straight to descriptor 2, past OpenCV's log level and
+    our structured logs; a stream with many such images would bury the daemon's log in them. A
+    bad image is reported where it belongs: dead-lettered with its reason. A worker that dies is
+    logged by the process that watches it.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+    finally:
+        os.close(devnull)
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
