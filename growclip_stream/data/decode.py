@@ -283,9 +283,10 @@ class DecodePipeline(Generic[M]):
         self._node: tn.BaseNode[list[_WorkerOut]] | None = None
         self._collector: threading.Thread | None = None
         self._next_watch = 0.0
+        self._recovering = False
         self._progress_at = time.monotonic()  # last time a chunk came out, or the pipeline was idle
         self.worker_deaths = 0  # worker processes found dead (each one rebuilt the pipeline)
-        self.crashed_records = 0  # records that killed a decode process on their own
+        self.crashed_records = 0  # records that, decoded alone, killed or stalled a decode process
         self.stalls = 0  # times the workers were replaced for making no progress
         self._torch_threads = torch.get_num_threads()  # the caller's intra-op threads, kept as they are
         self._threads_in_process = (method == "thread" and num_workers > 0) or pin_memory
@@ -298,7 +299,7 @@ class DecodePipeline(Generic[M]):
         with self._lock:
             if self._closed:
                 raise RuntimeError("the decode pipeline is closed")
-            if self._collector is not None:
+            if self._collector is not None or self._recovering:
                 return
             self._start_node()
 
@@ -378,7 +379,8 @@ class DecodePipeline(Generic[M]):
         workers = _worker_processes(node)
         dead = [p for p in workers if not p.is_alive()]
         if dead:
-            self._recover(node, [p.exitcode for p in dead])
+            self.worker_deaths += len(dead)
+            self._recover(node, f"{len(dead)} decode worker process(es) died", [p.exitcode for p in dead])
             return
         with self._lock:
             stalled = (
@@ -388,24 +390,19 @@ class DecodePipeline(Generic[M]):
             )
         if stalled:
             self.stalls += 1
-            log.error(
-                "decode workers made no progress; replacing them",
-                extra={"stall_timeout_s": self.stall_timeout_s, "in_flight": self.in_flight()},
-            )
             for p in workers:
                 p.kill()
                 p.join(1.0)
-            self._recover(node, [p.exitcode for p in workers], deaths=False)
+            why = f"decode workers made no progress for {self.stall_timeout_s} s"
+            self._recover(node, why, [p.exitcode for p in workers])
 
-    def _recover(
-        self, node: tn.BaseNode[list[_WorkerOut]], exitcodes: list[int | None], deaths: bool = True
-    ) -> None:
-        """Replaces a node that lost a worker; decodes the records it held one at a time."""
-        if deaths:
-            self.worker_deaths += len(exitcodes)
+    def _recover(self, node: tn.BaseNode[list[_WorkerOut]], why: str, exitcodes: list[int | None]) -> None:
+        """Replaces a node that lost (or stopped) its workers; decodes the records it held one at a
+        time, then starts a new node on what was still queued."""
         with self._lock:
             if node is not self._node or self._closed:
                 return
+            self._recovering = True  # start() must not build a node meanwhile
             self._node = None  # its collector now leaves the output alone
             queued = self._feed.detach()  # not read by the old node yet: they go to the new one
             self._feed = _Feed(self.num_workers, self.max_chunk)
@@ -422,7 +419,7 @@ class DecodePipeline(Generic[M]):
                 if seq not in out and seq not in waiting
             ]
         log.error(
-            "decode worker process died; re-decoding the records it may have held one at a time",
+            f"{why}; re-decoding the records they may have held one at a time",
             extra={"exitcodes": exitcodes, "records": len(suspects)},
         )
         routed = self._decode_one_by_one(suspects)
@@ -430,6 +427,7 @@ class DecodePipeline(Generic[M]):
             self._out.extend(routed)  # in order: before anything still queued
             self._feed.put(queued)
             self._start_node()
+            self._recovering = False
             self._progress_at = time.monotonic()  # the new workers' stall clock starts now
             self._ready.notify_all()
 
