@@ -424,10 +424,12 @@ class DecodePipeline(Generic[M]):
         )
         routed = self._decode_one_by_one(suspects)
         with self._ready:
+            self._recovering = False
+            if self._closed:  # closed meanwhile: nothing to restart
+                return
             self._out.extend(routed)  # in order: before anything still queued
             self._feed.put(queued)
             self._start_node()
-            self._recovering = False
             self._progress_at = time.monotonic()  # the new workers' stall clock starts now
             self._ready.notify_all()
 
