@@ -149,11 +149,24 @@ def _png_fast_flags(data: bytes, limits: RecordLimits, channels: int) -> int | N
     depth, color_type = data[24], data[25]
     if depth != 8 or color_type not in (0, 2):
         return None
-    idat = data.find(b"IDAT", 33)
-    if idat < 0 or data.find(b"tRNS", 33, idat) >= 0:
+    if not _png_opaque(data):
         return None
     _check_size(width, height, limits)
     return _FULL[channels]
+
+
+def _png_opaque(data: bytes) -> bool:
+    """Whether the chunks before the first IDAT hold no tRNS (transparency), walking them by their
+    lengths (a search for the bytes could be fooled by text chunks)."""
+    i, n = 8, len(data)
+    while i + 8 <= n:
+        kind = data[i + 4 : i + 8]
+        if kind == b"IDAT":
+            return True
+        if kind == b"tRNS":
+            return False
+        i += 12 + int.from_bytes(data[i : i + 4], "big")  # length, type, data, CRC
+    return False
 
 
 def _jpeg_fast_flags(data: bytes, limits: RecordLimits, channels: int, min_side: int | None) -> int | None:

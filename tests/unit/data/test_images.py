@@ -330,3 +330,17 @@ def test_corrupted_bytes_never_escape_as_anything_but_a_reason(fmt: str) -> None
         outcomes["decoded"] = outcomes.get("decoded", 0) + 1
     assert set(outcomes) <= {"decoded", "bad_image", "truncated_image", "not_an_image", "decompression_bomb"}
     assert outcomes.get("decoded", 0) > 0 and len(outcomes) > 1  # both outcomes were exercised
+
+
+def test_png_transparency_is_found_by_walking_the_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grey PNG whose text chunk spells "IDAT" before its real tRNS chunk: the transparent pixels
+    still become white (Pillow's path), and an opaque PNG with the same text stays on the fast path."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "IDAT tRNS IDAT")
+    grey = Image.new("L", (4, 4), 0)
+    transparent = encoded(grey, "PNG", pnginfo=info, transparency=0)
+    assert transparent.index(b"IDAT") < transparent.index(b"tRNS")  # the text comes first
+    assert (ImageTransform(4, 1).pixels(transparent, LIMITS) == 255).all()
+    opaque = encoded(grey, "PNG", pnginfo=info)
+    no_pillow(monkeypatch)
+    assert (ImageTransform(4, 1).pixels(opaque, LIMITS) == 0).all()
