@@ -274,8 +274,8 @@ class TrainingService(ThreadService):
         self.save_checkpoint("shutdown")  # the loop has finished its step: everything consumed is settled
 
     def _tick(self) -> None:
-        """Runs in the training thread between iterations: ingest metrics (lag, decode worker deaths),
-        and checkpoints (never mid-step)."""
+        """Runs in the training thread between iterations: ingest metrics (lag, decode worker deaths
+        and stalls), and checkpoints (never mid-step)."""
         self._update_ingest_metrics()
         every = self.cfg.checkpoint.every_s
         if every and time.monotonic() - self._last_save >= every:

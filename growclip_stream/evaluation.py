@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from growclip_stream.data.datasets import load_labelled
-from growclip_stream.data.images import ImageTransform, normalize
+from growclip_stream.data.images import ImageTransform, normalize_batch
 from growclip_stream.data.records import RecordLimits
 from growclip_stream.model import ArchConfig, GrowCLIP
 from growclip_stream.model.tokenizer import ByteTokenizer
@@ -36,9 +36,8 @@ def load_eval_set(name: str, arch: ArchConfig, limit: int = 2000) -> EvalSet:
     transform = ImageTransform(arch.image_size, arch.channels)
     limits = RecordLimits()
     images, labels, class_names = load_labelled(name, "test")
-    pixels = [torch.from_numpy(transform.pixels(b, limits)) for b in images[:limit]]
     return EvalSet(
-        images=normalize(torch.stack(pixels)),
+        images=normalize_batch([transform.pixels(b, limits) for b in images[:limit]]),
         labels=torch.tensor(labels[:limit], dtype=torch.long),
         class_names=tuple(class_names),
     )

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from growclip_stream.data.images import ImageTransform, normalize
+from growclip_stream.data.images import ImageTransform, normalize_batch
 from growclip_stream.data.records import RecordError, RecordLimits
 from growclip_stream.model.clip import ArchConfig, GrowCLIP
 from growclip_stream.model.tokenizer import PAD_ID, ByteTokenizer
@@ -136,13 +136,13 @@ class ModelSnapshot:
         pixels = []
         for i, data in enumerate(images):
             try:
-                pixels.append(torch.from_numpy(self._transform.pixels(data, limits)))
+                pixels.append(self._transform.pixels(data, limits))
             except ImageItemError:
                 raise
             except RecordError as e:
                 raise ImageItemError(i, e) from e
         c, s = self.arch.channels, self.arch.image_size
-        return normalize(torch.stack(pixels)) if pixels else torch.empty((0, c, s, s))
+        return normalize_batch(pixels) if pixels else torch.empty((0, c, s, s))
 
     def embed_images(self, images: Sequence[bytes], limits: RecordLimits) -> torch.Tensor:
         """(N, embed_dim) float32 L2-normalised image embeddings of encoded PNG/JPEG/WebP bytes.

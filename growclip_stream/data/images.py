@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -86,6 +87,12 @@ def silence_native_warnings() -> None:
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """``uint8`` pixels (any shape) -> float32 in [-1, 1]: ``(x / 255 - MEAN) / STD``."""
     return pixels.to(torch.float32).mul_(1.0 / (255.0 * STD)).sub_(MEAN / STD)
+
+
+def normalize_batch(pixels: Sequence[np.ndarray]) -> torch.Tensor:
+    """(C, H, W) ``uint8`` arrays from :meth:`ImageTransform.pixels` -> one (N, C, H, W) float32
+    batch in [-1, 1], normalised with one op."""
+    return normalize(torch.from_numpy(np.stack(pixels)))
 
 
 def decode_image(data: bytes, limits: RecordLimits, min_side: int | None = None) -> Image.Image:
