@@ -221,8 +221,8 @@ class DecodePipeline(Generic[M]):
         pin_memory: page-locked images for asynchronous copies to CUDA (needs a GPU).
         max_in_flight: most messages inside the pipeline (submitted and not taken).
         multiprocessing_context: start method for process workers.
-        max_chunk: most messages a worker takes at once (see ``_Feed``); 128 rather than 32 ran
-            ~10% faster under load on 2 cores, and a trickle still goes one message at a time.
+        max_chunk: most messages a worker takes at once (see ``_Feed``); 128 spreads the queues'
+            per-chunk cost over more messages under load, and a trickle still goes one at a time.
         stall_timeout_s: process workers only: with messages in flight and nothing decoded for
             this long, the workers are taken as stuck and replaced, like dead ones; a single
             record that takes longer alone is dead-lettered. None: never.
