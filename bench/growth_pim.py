@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from growclip_daemon.config import load_config
+from growclip_stream.batch import Batch
 from growclip_stream.data.datasets import iter_records
 from growclip_stream.data.images import ImageTransform
 from growclip_stream.data.pipeline import Decoder, Sample, collate, full_batches
@@ -43,7 +44,7 @@ from growclip_stream.growth.operators import apply_ops
 from growclip_stream.growth.pim import carry_optimizer_state
 from growclip_stream.model import ArchConfig, GrowCLIP
 from growclip_stream.model.tokenizer import ByteTokenizer
-from growclip_stream.train.trainer import Batch, OnlineTrainer
+from growclip_stream.train.trainer import OnlineTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

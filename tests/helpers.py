@@ -19,10 +19,10 @@ from typing import Any
 import httpx
 import torch
 
+from growclip_stream.batch import Batch
 from growclip_stream.data.kafka_source import KafkaSource, KafkaSourceConfig, Message
 from growclip_stream.data.pipeline import Decoder, RawMessage, Sample
 from growclip_stream.model import ArchConfig, GrowCLIP, TowerConfig
-from growclip_stream.train.trainer import Batch
 
 DAEMON = [sys.executable, "-m", "growclip_daemon.cli"]
 

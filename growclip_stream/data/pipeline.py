@@ -13,10 +13,10 @@ from typing import Protocol
 
 import torch
 
+from growclip_stream.batch import Batch
 from growclip_stream.data.images import ImageTransform, normalize
 from growclip_stream.data.records import RecordError, RecordLimits, decode_message, is_held_out
 from growclip_stream.model.tokenizer import ByteTokenizer
-from growclip_stream.train.trainer import Batch
 
 
 class RawMessage(Protocol):

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
+from growclip_stream.batch import Batch
 from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.growth.operators import GrowthOp, apply_ops, grow_arch
 from growclip_stream.growth.pim import WeightEMA, carry_optimizer_state, ema_inherit
@@ -30,8 +31,7 @@ from growclip_stream.growth.space import Candidate, candidate_set, canonical_ops
 from growclip_stream.growth.supernet import Supernet, model_from_state
 from growclip_stream.growth.triggers import DataVolumeTrigger, TriggerState
 from growclip_stream.model import ArchConfig, GrowCLIP
-from growclip_stream.train.config import TrainConfig
-from growclip_stream.train.trainer import Batch
+from growclip_stream.optim import OptimizerSettings
 
 PHASES = ("idle", "selecting", "training_supernet", "inheriting", "done")  # reported through on_phase
 
@@ -144,10 +144,10 @@ class GrowthController:
     """Owns the growth decisions, the state they depend on (loss trend, weight EMA) and the history."""
 
     def __init__(
-        self, cfg: GrowthConfig, train_cfg: TrainConfig | None = None, on_phase: PhaseListener | None = None
+        self, cfg: GrowthConfig, train_cfg: OptimizerSettings, on_phase: PhaseListener | None = None
     ):
         self.cfg = cfg
-        self.train_cfg = train_cfg or TrainConfig()
+        self.train_cfg = train_cfg
         self.volume = DataVolumeTrigger(cfg.samples_per_param, cfg.min_interval_samples)
         self.plateau = (
             PlateauTrigger(cfg.plateau_patience, cfg.plateau_threshold) if cfg.plateau_enabled else None

@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
+from growclip_stream.batch import Batch
 from growclip_stream.growth.operators import GrowthOp
 from growclip_stream.growth.space import Candidate
 from growclip_stream.growth.supernet import Supernet
 from growclip_stream.model.clip import ArchConfig, ClipLoss, ClipOutput
-from growclip_stream.train.trainer import Batch
 
 __all__ = ["RULES", "CandidateScore", "HoldoutMetrics", "evaluate", "rank", "score_candidates", "select"]
 

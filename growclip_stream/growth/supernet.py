@@ -47,11 +47,11 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
+from growclip_stream.batch import Batch
 from growclip_stream.growth.operators import GrowthOp, apply_ops
 from growclip_stream.growth.space import Candidate, canonical_ops, make_candidate
 from growclip_stream.model.clip import TOWER_NAMES, ArchConfig, ClipLoss, ClipOutput, GrowCLIP, TowerName
-from growclip_stream.train.config import TrainConfig
-from growclip_stream.train.trainer import Batch, build_optimizer
+from growclip_stream.optim import OptimizerSettings, build_optimizer
 
 __all__ = ["Supernet", "meta_model", "model_from_state", "union_ops"]
 
@@ -175,7 +175,7 @@ class Supernet:
         candidates: Sequence[Candidate],
         generator: torch.Generator | None = None,
         *,
-        train_cfg: TrainConfig | None = None,
+        train_cfg: OptimizerSettings,
         sample_k: int = 2,
         seed: int = 0,
     ) -> None:
@@ -194,7 +194,7 @@ class Supernet:
         self.arch = self.model.arch
         self._factor = {t: _widen_factor(self.ops, t) for t in TOWER_NAMES}
         self.initial_state: State = {k: p.detach().clone() for k, p in self.model.named_parameters()}
-        self.train_cfg = train_cfg or TrainConfig()
+        self.train_cfg = train_cfg
         self.optimizer = build_optimizer(self.model, self.train_cfg)
         self.loss_fn = ClipLoss()
         self.sample_k = sample_k

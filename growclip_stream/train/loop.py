@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from growclip_stream.batch import Batch
 from growclip_stream.data.decode import DecodePipeline, Routed, SettledStates
 from growclip_stream.data.pipeline import Batcher, Sample, collate, full_batches
 from growclip_stream.data.records import RecordError
@@ -29,7 +30,7 @@ from growclip_stream.growth.controller import GrowthController, GrowthEvent, Gro
 from growclip_stream.growth.pim import carry_optimizer_state
 from growclip_stream.model import GrowCLIP
 from growclip_stream.model.tokenizer import ByteTokenizer
-from growclip_stream.train.trainer import Batch, OnlineTrainer, StepStats
+from growclip_stream.train.trainer import OnlineTrainer, StepStats
 
 log = logging.getLogger(__name__)
 

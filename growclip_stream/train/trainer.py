@@ -12,19 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from growclip_stream.batch import Batch
 from growclip_stream.model import ClipLoss, GrowCLIP
+from growclip_stream.optim import build_optimizer
 from growclip_stream.train.config import TrainConfig
-
-
-@dataclass(frozen=True)
-class Batch:
-    images: torch.Tensor  # (B, C, H, W) float32
-    tokens: torch.Tensor  # (B, T) int64
-    ids: tuple[str, ...]
-    replayed: int = 0  # how many of the samples (at the end) are replayed, not fresh from the stream
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
 
 @dataclass(frozen=True)
@@ -35,17 +26,6 @@ class StepStats:
     seconds: float
     batch_size: int
     fresh: int  # samples new from the stream (the batch minus replayed ones)
-
-
-def build_optimizer(model: GrowCLIP, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm gains, biases and the temperature stay free)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 class OnlineTrainer:

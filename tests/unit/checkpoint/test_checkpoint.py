@@ -3,11 +3,13 @@ import json
 import pytest
 import torch
 
+from growclip_stream.batch import Batch
 from growclip_stream.checkpoint import Checkpointer, CheckpointError, restore_optimizer
 from growclip_stream.growth.operators import GrowthOp, apply_op
 from growclip_stream.model import GrowCLIP
+from growclip_stream.optim import build_optimizer
 from growclip_stream.train.config import TrainConfig
-from growclip_stream.train.trainer import Batch, OnlineTrainer, build_optimizer
+from growclip_stream.train.trainer import OnlineTrainer
 from tests.helpers import tiny_arch
 
 

@@ -24,7 +24,7 @@ def test_controller_grows_on_schedule_and_records_history() -> None:
         min_interval_samples=1000,
         plan=("deepen:image+1", "deepen:text+1"),
     )
-    ctrl = GrowthController(cfg)
+    ctrl = GrowthController(cfg, TrainConfig())
     model = GrowCLIP(tiny_arch())
     assert ctrl.due(samples=999, step=1, num_params=model.arch.num_params()) is None
     trigger = ctrl.due(samples=1000, step=1, num_params=model.arch.num_params())
@@ -65,7 +65,7 @@ def test_policy_skips_operators_that_add_nothing() -> None:
 
 def test_max_growths_caps_history() -> None:
     ctrl = GrowthController(
-        GrowthConfig(policy="plan", samples_per_param=0, min_interval_samples=1, max_growths=1)
+        GrowthConfig(policy="plan", samples_per_param=0, min_interval_samples=1, max_growths=1), TrainConfig()
     )
     model = GrowCLIP(tiny_arch())
     assert ctrl.grow(model, trigger="t", step=1, samples=1) is not None
@@ -81,8 +81,8 @@ def test_grown_model_is_seeded_reproducibly() -> None:
     cfg = GrowthConfig(policy="plan", plan=("widen:image*2",), seed=3)
     torch.manual_seed(0)
     base = GrowCLIP(tiny_arch())
-    a = GrowthController(cfg).grow(base, trigger="t", step=0, samples=0)
-    b = GrowthController(cfg).grow(base, trigger="t", step=0, samples=0)
+    a = GrowthController(cfg, TrainConfig()).grow(base, trigger="t", step=0, samples=0)
+    b = GrowthController(cfg, TrainConfig()).grow(base, trigger="t", step=0, samples=0)
     assert a is not None and b is not None
     for pa, pb in zip(a[0].parameters(), b[0].parameters(), strict=True):
         assert torch.equal(pa, pb)
@@ -120,7 +120,7 @@ def test_plateau_trigger_fires_through_the_controller() -> None:
     cfg = GrowthConfig(
         samples_per_param=0, min_interval_samples=10**9, plateau_patience=20, plateau_smoothing=0.0
     )
-    ctrl = GrowthController(cfg)
+    ctrl = GrowthController(cfg, TrainConfig())
     model = GrowCLIP(tiny_arch())
     for step in range(1, 40):
         ctrl.observe_step(model, 5.0 - 0.1 * step)  # falling fast: no plateau

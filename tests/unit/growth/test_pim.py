@@ -1,14 +1,15 @@
 import pytest
 import torch
 
+from growclip_stream.batch import Batch
 from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.growth.operators import GrowthOp, apply_ops
 from growclip_stream.growth.pim import WeightEMA, blend, carry_optimizer_state, ema_inherit, inherit
 from growclip_stream.growth.space import Candidate, candidate_set, make_candidate
 from growclip_stream.growth.supernet import Supernet, model_from_state
 from growclip_stream.model import ArchConfig, ByteTokenizer, ClipLoss, GrowCLIP, TowerConfig
+from growclip_stream.optim import build_optimizer
 from growclip_stream.train.config import TrainConfig
-from growclip_stream.train.trainer import Batch, build_optimizer
 
 TOL = 1e-5
 OPS = ("widen:image*2", "widen_mlp:text+8", "deepen:text+1")
@@ -64,7 +65,7 @@ def states_equal(a: GrowCLIP, b: GrowCLIP) -> bool:
 def trained_supernet(model: GrowCLIP) -> tuple[Supernet, list[Candidate]]:
     space = ("widen:image*2", "widen_mlp:text+8", "deepen:text+1", "deepen:shared+1")
     cands = candidate_set(model.arch, GrowthConfig(space=space, max_ops_per_step=3, max_flops_factor=100.0))
-    sn = Supernet(model, cands, torch.Generator().manual_seed(0), sample_k=1)
+    sn = Supernet(model, cands, torch.Generator().manual_seed(0), train_cfg=TrainConfig(), sample_k=1)
     sn.train([batch(model.arch, s) for s in range(3)], steps=3, lr=1e-2)
     return sn, cands
 

@@ -4,13 +4,14 @@ import math
 import pytest
 import torch
 
+from growclip_stream.batch import Batch
 from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.growth.operators import GrowthOp
 from growclip_stream.growth.selection import CandidateScore, evaluate, rank, score_candidates, select
 from growclip_stream.growth.space import candidate_set
 from growclip_stream.growth.supernet import Supernet
 from growclip_stream.model import ArchConfig, ByteTokenizer, ClipLoss, ClipOutput, GrowCLIP, TowerConfig
-from growclip_stream.train.trainer import Batch
+from growclip_stream.train.config import TrainConfig
 
 
 def arch() -> ArchConfig:
@@ -81,7 +82,7 @@ def test_scores_every_candidate_and_records_json() -> None:
     torch.manual_seed(0)
     old = GrowCLIP(a)
     cands = candidate_set(a, GrowthConfig(space=("deepen:image+1", "widen_mlp:text+8", "widen:text*2")))
-    sn = Supernet(old, cands, torch.Generator().manual_seed(0))
+    sn = Supernet(old, cands, torch.Generator().manual_seed(0), train_cfg=TrainConfig())
     hold = batches(a)
     base = evaluate(old, hold, torch.device("cpu"))
     scores = score_candidates(sn, cands, hold, rule="gain_per_flop")

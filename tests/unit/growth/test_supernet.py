@@ -1,13 +1,13 @@
 import pytest
 import torch
 
+from growclip_stream.batch import Batch
 from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.growth.operators import GrowthOp
 from growclip_stream.growth.space import Candidate, candidate_set, make_candidate
 from growclip_stream.growth.supernet import Supernet, union_ops
 from growclip_stream.model import ArchConfig, ByteTokenizer, ClipLoss, GrowCLIP
 from growclip_stream.train.config import TrainConfig
-from growclip_stream.train.trainer import Batch
 from tests.helpers import operator_arch as arch
 from tests.helpers import random_model
 
@@ -48,7 +48,11 @@ def build(shared_depth: int = 1, max_ops: int = 2) -> tuple[GrowCLIP, list[Candi
     a = arch(shared_depth)
     old = random_model(a)
     cands = candidates(a, max_ops)
-    return old, cands, Supernet(old, cands, torch.Generator().manual_seed(0), sample_k=2, seed=0)
+    return (
+        old,
+        cands,
+        Supernet(old, cands, torch.Generator().manual_seed(0), train_cfg=TrainConfig(), sample_k=2, seed=0),
+    )
 
 
 def test_union_covers_every_candidate() -> None:
@@ -151,9 +155,9 @@ def test_rejects_foreign_candidates() -> None:
         sn.extract_state(foreign)
     other_base = make_candidate(arch(shared_depth=0), [GrowthOp.parse("deepen:image+1")])
     with pytest.raises(ValueError, match="does not grow the base"):
-        Supernet(old, [other_base])
+        Supernet(old, [other_base], train_cfg=TrainConfig())
     with pytest.raises(ValueError, match="at least one candidate"):
-        Supernet(old, [])
+        Supernet(old, [], train_cfg=TrainConfig())
 
 
 def test_optimizer_follows_the_train_config() -> None:
