@@ -22,6 +22,10 @@ same embeddings (up to float rounding):
   Widening the shared encoder also widens ln_post, the outputs of both to_shared linears, and the
   fan-in of proj. MLP hidden size is unchanged.
 
+Which axis of each parameter writes the residual (fan-out), reads it (fan-in) or holds MLP units is
+described once, in `growth.layout`; widening, optimizer-state growth and the supernet's extraction
+all follow that table.
+
 The operators work on state dicts keyed by the names `growclip_stream.model.clip` defines, build the
 new model on the meta device and load the new tensors into it, so the input model is untouched and
 the output keeps its device and dtype.
@@ -30,21 +34,26 @@ After growth, anything wrapping the old model (optimizer, `torch.compile`, DDP, 
 rebuilt around the new one: parameters are new tensor objects.
 
 Per-element optimizer statistics (Adam's exp_avg, exp_avg_sq) grow with `grow_optimizer_state`: the
-same index maps as the weights, except that fan-in splits are *replicated* (each copy of a split
-weight receives the original weight's gradient, so it inherits the original's statistics, not a
-share of them), new elements of an existing tensor (new MLP units) get zeros, and parameters that
-did not exist before (new blocks) get no entry, so the optimizer starts them fresh.
+same index maps as the weights, scaled to the gradients each grown element will receive. Fan-in
+splits are *replicated* (each share of a split weight receives the original weight's gradient, so
+it inherits the original's statistics, not a share of them). Fan-out copies receive about 1/r of
+the original gradient each (their readers split their weights across the r copies), so exp_avg is
+scaled by 1/r and exp_avg_sq by 1/r²; copying exp_avg_sq unscaled would over-state it r² times and
+damp those updates for the ~1/(1 − beta2) steps it takes to decay. New elements of an existing
+tensor (new MLP units) get zeros, and parameters that did not exist before (new blocks) get no
+entry, so the optimizer starts them fresh.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
+from growclip_stream.growth.layout import axes
 from growclip_stream.model.clip import (
     INIT_STD,
     TOWER_NAMES,
@@ -144,48 +153,6 @@ def _split(t: torch.Tensor, dim: int, r: int, generator: torch.Generator | None)
     return torch.cat(parts, dim=dim)
 
 
-SplitFn = Callable[[torch.Tensor, int, int, torch.Generator | None], torch.Tensor]
-
-
-def _replicate_split(t: torch.Tensor, dim: int, r: int, generator: torch.Generator | None) -> torch.Tensor:
-    """The fan-in map for optimizer statistics: every copy keeps the original's value."""
-    return _replicate(t, dim, r)
-
-
-def _widen_block_rules(
-    prefix: str, w: int, r: int, gen: torch.Generator | None, split_fn: SplitFn = _split
-) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """How each tensor of one block changes when its residual width w is replicated r times."""
-
-    def qkv_weight(t: torch.Tensor) -> torch.Tensor:
-        t = _replicate(t.view(3, w, w), 1, r)  # (3, r·w, w): q, k, v each with heads replicated
-        return split_fn(t, 2, r, gen).reshape(3 * r * w, r * w)  # fan-in split over the residual copies
-
-    def out_weight(t: torch.Tensor) -> torch.Tensor:
-        return split_fn(_replicate(t, 0, r), 1, r, gen)  # (r·w, r·w): residual rows copied, heads split
-
-    def rep0(t: torch.Tensor) -> torch.Tensor:
-        return _replicate(t, 0, r)
-
-    return {
-        f"{prefix}ln_1.weight": rep0,
-        f"{prefix}ln_1.bias": rep0,
-        f"{prefix}attn.qkv.weight": qkv_weight,
-        f"{prefix}attn.qkv.bias": lambda t: _replicate(t.view(3, w), 1, r).reshape(3 * r * w),
-        f"{prefix}attn.out.weight": out_weight,
-        f"{prefix}attn.out.bias": rep0,
-        f"{prefix}ln_2.weight": rep0,
-        f"{prefix}ln_2.bias": rep0,
-        f"{prefix}mlp.fc1.weight": lambda t: split_fn(t, 1, r, gen),  # (h, r·w)
-        f"{prefix}mlp.fc1.bias": lambda t: t,  # hidden size unchanged
-        f"{prefix}mlp.fc2.weight": rep0,
-        f"{prefix}mlp.fc2.bias": rep0,
-    }
-
-
-# ----------------------------------------------------------------------------- operators on state dicts
-
-
 def _deepen(arch: ArchConfig, state: State, op: GrowthOp, gen: torch.Generator | None) -> State:
     cfg = arch.tower(op.tower)
     ref = state["proj.weight"]  # device and dtype of the model
@@ -203,53 +170,69 @@ def _deepen(arch: ArchConfig, state: State, op: GrowthOp, gen: torch.Generator |
     return out
 
 
-def _widen_mlp(arch: ArchConfig, state: State, op: GrowthOp, gen: torch.Generator | None) -> State:
-    cfg, n = arch.tower(op.tower), op.amount
-    out = dict(state)
-    for i in range(cfg.depth):
-        p = f"{op.tower}.blocks.{i}.mlp."
-        fc1_w, fc1_b, fc2_w = state[p + "fc1.weight"], state[p + "fc1.bias"], state[p + "fc2.weight"]
-        fan_in = torch.randn(n, cfg.width, generator=gen, device=_gen_device(gen)) * INIT_STD
-        out[p + "fc1.weight"] = torch.cat([fc1_w, fan_in.to(fc1_w)], dim=0)  # (h + n, w)
-        out[p + "fc1.bias"] = torch.cat([fc1_b, fc1_b.new_zeros(n)])  # (h + n,)
-        out[p + "fc2.weight"] = torch.cat([fc2_w, fc2_w.new_zeros(cfg.width, n)], dim=1)  # (w, h + n)
-    return out
+def _replicate_axis(t: torch.Tensor, dim: int, parts: int, r: int) -> torch.Tensor:
+    """Fan-out copies of each of `parts` width-sized blocks along `dim`: per part [x, x, ..., x]."""
+    shape = t.shape
+    x = t.reshape(*shape[:dim], parts, shape[dim] // parts, *shape[dim + 1 :])
+    x = _replicate(x, dim + 1, r)
+    return x.reshape(*shape[:dim], parts * r * (shape[dim] // parts), *shape[dim + 1 :])
 
 
 def _widen(
-    arch: ArchConfig, state: State, op: GrowthOp, gen: torch.Generator | None, split_fn: SplitFn = _split
+    arch: ArchConfig, state: State, op: GrowthOp, gen: torch.Generator | None, stats_power: int | None = None
 ) -> State:
+    """Widen tower `op.tower` by `op.amount` following `growth.layout`.
+
+    Weights (`stats_power` None): ``out`` axes are replicated, ``in`` axes split. Optimizer
+    statistics (`stats_power` p, the power of the gradient they average: 1 for Adam's exp_avg, 2 for
+    exp_avg_sq): ``in`` axes are replicated (each share receives the original gradient), ``out``
+    axes replicated and scaled by (1/r)^p (each copy receives about 1/r of it).
+    """
     tower, r = op.tower, op.amount
-    cfg = arch.tower(tower)
+    out: State = {}
+    for name, t in state.items():
+        for ax in axes(name):
+            if ax.tower != tower or ax.role == "hidden":
+                continue
+            if ax.role == "out":
+                t = _replicate_axis(t, ax.dim, ax.parts, r)
+                if stats_power:
+                    t = t * (1.0 / r) ** stats_power
+            elif stats_power is None:
+                t = _split(t, ax.dim, r, gen)
+            else:
+                t = _replicate(t, ax.dim, r)
+        out[name] = t
+    return out
 
-    def rep(dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda t: _replicate(t, dim, r)
 
-    def split(dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda t: split_fn(t, dim, r, gen)
+def _widen_mlp(
+    arch: ArchConfig, state: State, op: GrowthOp, gen: torch.Generator | None, stats: bool = False
+) -> State:
+    """Append `op.amount` MLP units to every block of `op.tower`, following `growth.layout`.
 
-    rules: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-    for i in range(cfg.depth):
-        rules.update(_widen_block_rules(f"{tower}.blocks.{i}.", cfg.width, r, gen, split_fn))
-    if tower == "image":
-        rules["image.patch_embed.weight"] = rep(0)  # (r·w, C, p, p)
-        rules["image.class_token"] = rep(0)  # (r·w,)
-        rules["image.pos_embed"] = rep(1)  # (T, r·w)
-    if tower == "text":
-        rules["text.token_embed.weight"] = rep(1)  # (V, r·w)
-        rules["text.pos_embed"] = rep(1)  # (L, r·w)
-    if tower in ("image", "text"):
-        rules[f"{tower}.to_shared.weight"] = split(1)  # (s, r·w)
-        rules[f"{tower}.to_shared.bias"] = lambda t: t
-    if tower == "shared":
-        for name in ("image.to_shared", "text.to_shared", "ln_post"):
-            rules[f"{name}.weight"] = rep(0)  # to_shared: (r·s, w_tower); ln_post: (r·s,)
-            rules[f"{name}.bias"] = rep(0)
-        rules["proj.weight"] = split(1)  # (embed_dim, r·s)
-    unhandled = [k for k in state if k.startswith(f"{tower}.") and k not in rules]
-    if unhandled:  # a parameter this operator does not know how to widen: fail loudly, not silently
-        raise RuntimeError(f"widen:{tower} has no rule for {unhandled}")
-    return {k: rules[k](t) if k in rules else t for k, t in state.items()}
+    A new unit reads the residual with fresh random weights (the model's init scale) and writes
+    nothing (zero fan-out and bias), so the function is unchanged. For optimizer statistics
+    (`stats`) every new entry is zero.
+    """
+    del arch  # the layout and the tensors' shapes say everything
+    n = op.amount
+    out: State = {}
+    for name, t in state.items():
+        layout = axes(name)
+        for ax in layout:
+            if ax.role != "hidden" or ax.tower != op.tower:
+                continue
+            shape = list(t.shape)
+            shape[ax.dim] = n
+            if not stats and any(a.role == "in" for a in layout):  # the unit's fan-in
+                new = torch.randn(shape, generator=gen, device=_gen_device(gen)) * INIT_STD
+                new = new.to(t)
+            else:
+                new = t.new_zeros(shape)
+            t = torch.cat([t, new], dim=ax.dim)
+        out[name] = t
+    return out
 
 
 _OPERATORS = {"deepen": _deepen, "widen": _widen, "widen_mlp": _widen_mlp}
@@ -264,35 +247,26 @@ def grow_state_dict(
     return grow_arch(arch, op), new_state
 
 
-def _widen_mlp_zeros(arch: ArchConfig, state: State, op: GrowthOp) -> State:
-    """widen_mlp for optimizer statistics: the new hidden units' entries are zero."""
-    cfg, n = arch.tower(op.tower), op.amount
-    out = dict(state)
-    for i in range(cfg.depth):
-        p = f"{op.tower}.blocks.{i}.mlp."
-        if p + "fc1.weight" in state:
-            fc1 = state[p + "fc1.weight"]
-            out[p + "fc1.weight"] = torch.cat([fc1, fc1.new_zeros(n, cfg.width)])
-        if p + "fc1.bias" in state:
-            out[p + "fc1.bias"] = torch.cat([state[p + "fc1.bias"], state[p + "fc1.bias"].new_zeros(n)])
-        if p + "fc2.weight" in state:
-            fc2 = state[p + "fc2.weight"]
-            out[p + "fc2.weight"] = torch.cat([fc2, fc2.new_zeros(cfg.width, n)], dim=1)
-    return out
+_STATS_POWER = {"exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2}
 
 
-def grow_optimizer_state(arch: ArchConfig, state: State, op: GrowthOp) -> tuple[ArchConfig, State]:
-    """Grow per-element optimizer statistics (keyed like the model's state dict) along with `op`.
+def grow_optimizer_state(
+    arch: ArchConfig, state: State, op: GrowthOp, key: str = "exp_avg_sq"
+) -> tuple[ArchConfig, State]:
+    """Grow per-element optimizer statistics `key` (keyed like the model's state dict) along with `op`.
 
-    Same index maps as `grow_state_dict`, deterministic: replicated copies (fan-out rows and fan-in
-    splits alike), zeros for new MLP units, no entry for new blocks. `state` may hold any subset of
-    the parameters (those with optimizer state); absent keys stay absent. Inputs untouched.
+    Deterministic, and scaled to the gradients the grown parameters will receive: fan-in shares
+    keep the original's statistics (each share gets the original gradient), fan-out copies of a
+    widening get them scaled by 1/r for a first moment (`exp_avg`) and 1/r² for a second moment
+    (`exp_avg_sq`), since each copy gets about 1/r of the original gradient; other keys are
+    replicated unscaled. New MLP units get zeros, new blocks no entry (the optimizer starts them
+    fresh). `state` may hold any subset of the parameters; absent keys stay absent. Inputs untouched.
     """
     with torch.no_grad():
         if op.kind == "widen":
-            new_state = _widen(arch, state, op, None, _replicate_split)
+            new_state = _widen(arch, state, op, None, stats_power=_STATS_POWER.get(key, 0))
         elif op.kind == "widen_mlp":
-            new_state = _widen_mlp_zeros(arch, state, op)
+            new_state = _widen_mlp(arch, state, op, None, stats=True)
         else:
             new_state = dict(state)  # new blocks have no statistics yet
     return grow_arch(arch, op), new_state

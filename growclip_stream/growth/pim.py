@@ -19,8 +19,9 @@ inheritance in both modes.
 Optimizer state (Staged Training's lesson: grow it too, or the first steps after growth are taken
 with an empty Adam history): `carry_optimizer_state` moves exp_avg / exp_avg_sq / step of every
 inherited parameter into the new optimizer, grown with the operators' index maps
-(`growth.operators.grow_optimizer_state`: copies replicated, new elements zero); parameters with no
-old counterpart (new blocks) start fresh. The learning rate re-warms either way (the trainer's job).
+(`growth.operators.grow_optimizer_state`: fan-in shares replicated, fan-out copies scaled to the
+~1/r share of the gradient each will receive, new elements zero); parameters with no old
+counterpart (new blocks) start fresh. The learning rate re-warms either way (the trainer's job).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def carry_optimizer_state(
     for key, tensors in per_element.items():
         a = arch
         for op in ordered:
-            a, tensors = grow_optimizer_state(a, tensors, op)
+            a, tensors = grow_optimizer_state(a, tensors, op, key)
         grown[key] = tensors
     expected = arch
     for op in ordered:

@@ -39,7 +39,6 @@ import copy
 import functools
 import math
 import random
-import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -48,6 +47,7 @@ import torch
 from torch.func import functional_call
 
 from growclip_stream.batch import Batch
+from growclip_stream.growth.layout import axes, block_index
 from growclip_stream.growth.operators import GrowthOp, apply_ops
 from growclip_stream.growth.space import Candidate, canonical_ops, make_candidate
 from growclip_stream.model.clip import TOWER_NAMES, ArchConfig, ClipLoss, ClipOutput, GrowCLIP, TowerName
@@ -56,51 +56,6 @@ from growclip_stream.optim import OptimizerSettings, build_optimizer
 __all__ = ["Supernet", "meta_model", "model_from_state", "union_ops"]
 
 State = dict[str, torch.Tensor]
-
-# How each dimension of a parameter maps from the supernet to a candidate:
-# (dim, kind, tower, parts) with kind "out" (fold copies by mean), "in" (fold by sum) or "hidden"
-# (keep the first units); `parts` > 1 when the dimension stacks several width-sized blocks (qkv).
-DimRule = tuple[int, str, TowerName, int]
-
-_BLOCK_RE = re.compile(r"^(?P<tower>image|text|shared)\.blocks\.(?P<index>\d+)\.(?P<rest>.+)$")
-
-
-def _block_dims(tower: TowerName, rest: str) -> list[DimRule]:
-    out: DimRule = (0, "out", tower, 1)
-    rules: dict[str, list[DimRule]] = {
-        "ln_1.weight": [out],
-        "ln_1.bias": [out],
-        "ln_2.weight": [out],
-        "ln_2.bias": [out],
-        "attn.qkv.weight": [(0, "out", tower, 3), (1, "in", tower, 1)],  # (3·w, w): [q | k | v] rows
-        "attn.qkv.bias": [(0, "out", tower, 3)],
-        "attn.out.weight": [out, (1, "in", tower, 1)],  # (w, w): residual rows, head columns
-        "attn.out.bias": [out],
-        "mlp.fc1.weight": [(0, "hidden", tower, 1), (1, "in", tower, 1)],  # (h, w)
-        "mlp.fc1.bias": [(0, "hidden", tower, 1)],
-        "mlp.fc2.weight": [out, (1, "hidden", tower, 1)],  # (w, h)
-        "mlp.fc2.bias": [out],
-    }
-    if rest not in rules:
-        raise RuntimeError(f"supernet extraction has no rule for block parameter {rest!r}")
-    return rules[rest]
-
-
-_TOP_DIMS: dict[str, list[DimRule]] = {
-    "image.patch_embed.weight": [(0, "out", "image", 1)],  # (w, C, p, p)
-    "image.class_token": [(0, "out", "image", 1)],  # (w,)
-    "image.pos_embed": [(1, "out", "image", 1)],  # (T, w)
-    "image.to_shared.weight": [(0, "out", "shared", 1), (1, "in", "image", 1)],  # (s, w_img)
-    "image.to_shared.bias": [(0, "out", "shared", 1)],
-    "text.token_embed.weight": [(1, "out", "text", 1)],  # (V, w)
-    "text.pos_embed": [(1, "out", "text", 1)],  # (L, w)
-    "text.to_shared.weight": [(0, "out", "shared", 1), (1, "in", "text", 1)],  # (s, w_txt)
-    "text.to_shared.bias": [(0, "out", "shared", 1)],
-    "ln_post.weight": [(0, "out", "shared", 1)],
-    "ln_post.bias": [(0, "out", "shared", 1)],
-    "proj.weight": [(1, "in", "shared", 1)],  # (embed_dim, s)
-    "logit_scale": [],
-}
 
 
 def _fold(
@@ -216,22 +171,15 @@ class Supernet:
         factor = {t: _widen_factor(cand.ops, t) for t in TOWER_NAMES}
         out: State = {}
         for name, t in src.items():
-            m = _BLOCK_RE.match(name)
-            if m is not None:
-                tower: TowerName = m["tower"]  # type: ignore[assignment]  # the regex admits tower names only
-                if int(m["index"]) >= cand.arch.tower(tower).depth:
-                    continue  # a block above the candidate's depth
-                dims = _block_dims(tower, m["rest"])
-            elif name in _TOP_DIMS:
-                dims = _TOP_DIMS[name]
-            else:
-                raise RuntimeError(f"supernet extraction has no rule for parameter {name!r}")
-            for dim, kind, tw, parts in dims:
-                if kind == "hidden":
-                    t = t.narrow(dim, 0, cand.arch.tower(tw).mlp_hidden)
+            block = block_index(name)
+            if block is not None and block[1] >= cand.arch.tower(block[0]).depth:
+                continue  # a block above the candidate's depth
+            for ax in axes(name):
+                if ax.role == "hidden":
+                    t = t.narrow(ax.dim, 0, cand.arch.tower(ax.tower).mlp_hidden)
                 else:
-                    width = self.base_arch.tower(tw).width
-                    t = _fold(t, dim, parts, width, self._factor[tw], factor[tw], kind)
+                    width = self.base_arch.tower(ax.tower).width
+                    t = _fold(t, ax.dim, ax.parts, width, self._factor[ax.tower], factor[ax.tower], ax.role)
             out[name] = t
         return out
 

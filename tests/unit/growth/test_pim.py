@@ -162,16 +162,18 @@ def test_optimizer_state_survives_growth() -> None:
     for name in unchanged:
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(new_st(name)[key], old_st(name)[key]), (name, key)
-    # widened: copies replicate the old statistics (fan-out rows and fan-in splits alike)
-    for name, dim in (
-        ("image.patch_embed.weight", 0),
-        ("image.blocks.0.mlp.fc1.weight", 1),
-        ("image.to_shared.weight", 1),
-        ("image.blocks.0.ln_1.weight", 0),
+    # widened: fan-in shares replicate the old statistics; fan-out copies are scaled to the ~1/r
+    # share of the gradient each will receive (exp_avg by 1/2, exp_avg_sq by 1/4)
+    for name, dim, fan_out in (
+        ("image.patch_embed.weight", 0, True),
+        ("image.blocks.0.mlp.fc1.weight", 1, False),
+        ("image.to_shared.weight", 1, False),
+        ("image.blocks.0.ln_1.weight", 0, True),
     ):
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
+            want = old_st(name)[key] * (0.5**power if fan_out else 1.0)
             a, b = new_st(name)[key].chunk(2, dim=dim)
-            assert torch.equal(a, old_st(name)[key]) and torch.equal(b, old_st(name)[key]), (name, key)
+            assert torch.equal(a, want) and torch.equal(b, want), (name, key)
         assert torch.equal(new_st(name)["step"], old_st(name)["step"])
     qkv_new, qkv_old = (
         new_st("image.blocks.0.attn.qkv.weight")["exp_avg"],
@@ -179,8 +181,8 @@ def test_optimizer_state_survives_growth() -> None:
     )
     blocks = qkv_new.view(3, 2, 16, 2, 16)  # [q | k | v] x head copy x ... x residual copy x ...
     for c in range(2):
-        for d in range(2):
-            assert torch.equal(blocks[:, c, :, d, :], qkv_old.view(3, 16, 16))
+        for d in range(2):  # rows are head copies (fan-out, halved), columns residual shares (kept)
+            assert torch.equal(blocks[:, c, :, d, :], qkv_old.view(3, 16, 16) * 0.5)
     # new MLP units: zero statistics, old units kept
     fc1 = new_st("text.blocks.0.mlp.fc1.weight")["exp_avg_sq"]
     assert (
@@ -222,3 +224,39 @@ def test_carry_into_a_blended_model() -> None:
     b = batch(new.arch)
     ClipLoss()(new(b.images, b.tokens)).backward()
     new_opt.step()
+
+
+def grads(model: GrowCLIP, b: Batch) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    ClipLoss()(model(b.images, b.tokens)).backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("op", ["widen:image*2", "widen:shared*2", "widen:text*2"])
+def test_carried_second_moments_match_the_gradients_the_grown_model_sees(op: str) -> None:
+    """exp_avg_sq carried into a widened model is on the scale of the squared gradients it then gets.
+
+    The old optimizer's exp_avg_sq is exactly the squared gradient of one batch (beta2 = 0); the grown
+    model computes the same function, so on the same batch its squared gradients are what the carried
+    statistics should approximate. Copying them unscaled over-states fan-out rows about r² = 4 times.
+    """
+    torch.manual_seed(0)
+    old = GrowCLIP(arch())
+    opt = build_optimizer(old, TrainConfig(lr=1e-9, beta2=0.0, weight_decay=0.0))
+    b = batch(old.arch, 3)
+    old_grads = grads(old, b)
+    opt.step()  # exp_avg_sq = g² now
+    ops = [GrowthOp.parse(op)]
+    new = apply_ops(old, ops, torch.Generator().manual_seed(1))
+    new_opt = build_optimizer(new, TrainConfig())
+    carry_optimizer_state(old, opt, new, new_opt, ops)
+    new_grads = grads(new, b)
+    ratios = {}
+    for name, p in new.named_parameters():
+        if p.shape == old.state_dict()[name].shape or old_grads[name].abs().sum() == 0:
+            continue
+        carried = float(new_opt.state[p]["exp_avg_sq"].sum())
+        ratios[name] = carried / float(new_grads[name].pow(2).sum())
+    assert ratios
+    bad = {n: round(r, 2) for n, r in ratios.items() if not 0.4 < r < 2.5}
+    assert not bad, bad
