@@ -64,7 +64,11 @@ def evaluate(
         out = forward(batch.images.to(device), batch.tokens.to(device))
         loss_sum += float(loss_fn(out)) * len(batch)
         sims = out.image_embeds @ out.text_embeds.T  # (B, B) image x text
-        hits += int((sims.argmax(dim=1) == torch.arange(len(batch), device=sims.device)).sum())
+        best = sims.argmax(dim=1)  # (B,) the text each image retrieves
+        rows = torch.arange(len(batch), device=sims.device)
+        # a text with the image's own caption is a hit too (identical captions tie)
+        hit = out.positives[rows, best] if out.positives is not None else best == rows
+        hits += int(hit.sum())
         count += len(batch)
     if count == 0:
         raise ValueError("no held-out samples to score candidates on")

@@ -29,6 +29,8 @@ from growclip_stream.model.tokenizer import EOS_ID, VOCAB_SIZE
 TowerName = Literal["image", "text", "shared"]
 TOWER_NAMES: tuple[TowerName, ...] = ("image", "text", "shared")
 INIT_STD = 0.02  # std of every freshly initialised weight matrix, embedding and token (growth reuses it)
+MAX_LOGIT_SCALE = 100.0  # cap of the softmax temperature exp(logit_scale), as in CLIP
+LOGIT_SCALE_CAP = math.log(MAX_LOGIT_SCALE)  # the same cap on the parameter, where it is enforced
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -307,11 +309,19 @@ def init_weights(module: nn.Module, generator: torch.Generator | None = None) ->
             nn.init.zeros_(m.bias)
 
 
+def same_caption(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T) token ids -> (B, B) bool: which pairs of rows are the same caption (equal token rows)."""
+    return (tokens[:, None, :] == tokens[None, :, :]).all(dim=-1)
+
+
 @dataclass(frozen=True)
 class ClipOutput:
     image_embeds: torch.Tensor  # (B, embed_dim), L2-normalised
     text_embeds: torch.Tensor  # (B, embed_dim), L2-normalised
-    logit_scale: torch.Tensor  # scalar, already exp()'d and clamped to <= 100
+    logit_scale: torch.Tensor  # scalar, already exp()'d, <= MAX_LOGIT_SCALE
+    # (B, B) bool: image i and text j match. Captions repeat in real streams (a class name in a few
+    # templates), so every pair with an identical caption matches; None means the diagonal only.
+    positives: torch.Tensor | None = None
 
 
 class GrowCLIP(nn.Module):
@@ -353,14 +363,45 @@ class GrowCLIP(nn.Module):
         return ClipOutput(
             image_embeds=self.encode_image(images),
             text_embeds=self.encode_text(tokens),
-            logit_scale=self.logit_scale.exp().clamp(max=100.0),
+            # Clamped before exp, where the gradient at the cap still flows (the trainer also
+            # clamps the parameter itself after every step, so it never sits above the cap).
+            logit_scale=self.logit_scale.clamp(max=LOGIT_SCALE_CAP).exp(),
+            positives=same_caption(tokens),
         )
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Keep the temperature parameter within [0, log 100] (OpenCLIP clamps it after each step).
+
+        Clamping only the exp() in the forward would leave a parameter pushed past the cap with a
+        zero gradient for good; clamping the parameter keeps it where its gradient is alive.
+        """
+        self.logit_scale.clamp_(0.0, LOGIT_SCALE_CAP)
 
 
 class ClipLoss(nn.Module):
-    """Symmetric InfoNCE: pair i is the positive for row i and column i of the similarity matrix."""
+    """Symmetric InfoNCE with multi-positive targets.
+
+    Each row (image -> texts) and each column (text -> images) of the similarity matrix is a
+    softmax whose target spreads evenly over its positives (`ClipOutput.positives`: the pair itself
+    and every pair with an identical caption). Captions repeat in real data (a batch of 128
+    Fashion-MNIST captions holds ~80 identical pairs); one-hot targets make them negatives of each
+    other, so the loss can never fall below ~0.9 nats there however right the model is. Identical
+    token rows get identical text embeddings, so these targets give the same gradients as one-hot
+    ones; what changes is the loss's meaning: it is the KL divergence from the targets, 0 when
+    perfect, comparable across batches that repeat captions more or less often.
+    """
 
     def forward(self, out: ClipOutput) -> torch.Tensor:
         logits = out.logit_scale * out.image_embeds @ out.text_embeds.T  # (B, B) image x text
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        if out.positives is None:
+            labels = torch.arange(logits.shape[0], device=logits.device)
+            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        pos = out.positives.to(logits.dtype)  # (B, B), the diagonal always set
+        per_image, per_text = pos.sum(dim=1), pos.sum(dim=0)  # (B,) positives of each row / column
+        image_to_text = F.cross_entropy(logits, pos / per_image[:, None])  # targets sum to 1 per row
+        text_to_image = F.cross_entropy(logits.T, pos.T / per_text[:, None])
+        # Minus the targets' entropy (log of the positives' count): the KL divergence, the same
+        # gradients, and 0 for a perfect model however often captions repeat.
+        floor = (per_image.log().mean() + per_text.log().mean()) / 2
+        return (image_to_text + text_to_image) / 2 - floor

@@ -61,6 +61,7 @@ class OnlineTrainer:
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
+        self.model.clamp_logit_scale_()
         self.step += 1
         fresh = len(batch) - batch.replayed
         self.samples += fresh

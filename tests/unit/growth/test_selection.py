@@ -11,6 +11,7 @@ from growclip_stream.growth.selection import CandidateScore, evaluate, rank, sco
 from growclip_stream.growth.space import candidate_set
 from growclip_stream.growth.supernet import Supernet
 from growclip_stream.model import ArchConfig, ByteTokenizer, ClipLoss, ClipOutput, GrowCLIP, TowerConfig
+from growclip_stream.model.clip import same_caption
 from growclip_stream.train.config import TrainConfig
 
 
@@ -158,3 +159,19 @@ def test_non_finite_scores_are_json_safe() -> None:
     assert d["val_loss"] is None and d["score"] is None
     json.dumps(d, allow_nan=False)
     assert select([nan, fake("widen:text*2", gain=0.01, added_gflops=1.0)]).name == "widen:text*2"
+
+
+def test_retrieving_an_identical_caption_is_a_hit() -> None:
+    # two images share a caption; their texts embed alike, so each image's nearest text may be the
+    # other's: that is right, not a miss
+    a = arch()
+    tokens = ByteTokenizer(a.context_length).encode(["a bag", "a bag", "a coat", "a shoe"])
+    images = torch.zeros(4, a.channels, a.image_size, a.image_size)
+    cls = torch.eye(3)[[0, 0, 1, 2]]  # (4, 3): one embedding per caption
+
+    def tied(images: torch.Tensor, tokens: torch.Tensor) -> ClipOutput:
+        # image 1 retrieves text 0 (argmax takes the first of a tie): the same caption as its own
+        return ClipOutput(cls, cls, torch.tensor(10.0), positives=same_caption(tokens))
+
+    m = evaluate(tied, [Batch(images, tokens, ("0", "1", "2", "3"))], torch.device("cpu"))
+    assert m.top1 == 1.0

@@ -4,10 +4,12 @@ import math
 import pydantic
 import pytest
 import torch
+from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from growclip_stream.model import ArchConfig, ByteTokenizer, ClipLoss, ClipOutput, GrowCLIP, TowerConfig
+from growclip_stream.model.clip import same_caption
 
 
 def small_arch(shared_depth: int = 1, **kw: int) -> ArchConfig:
@@ -65,7 +67,7 @@ def test_forward_shapes_and_normalisation() -> None:
     assert all(p.grad is not None for p in model.parameters())
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
-    assert model(images, tokens).logit_scale.item() == 100.0
+    assert math.isclose(model(images, tokens).logit_scale.item(), 100.0, rel_tol=1e-6)
 
 
 def test_text_pools_at_eos_with_causal_attention() -> None:
@@ -150,3 +152,45 @@ def test_pydantic_validates_and_rejects_unknown_keys() -> None:
         adapter.validate_python({**d, "image": {**d["image"], "bogus": 1}})
     with pytest.raises(pydantic.ValidationError, match="head_dim"):
         adapter.validate_python({**d, "image": {**d["image"], "width": 20}})
+
+
+def test_identical_captions_are_positives_not_negatives() -> None:
+    # captions a, a, b, c, c, c: rows with one caption share one text embedding; each image sits on it
+    tokens = ByteTokenizer(8).encode(["a", "a", "b", "c", "c", "c"])
+    mask = same_caption(tokens)
+    assert mask.tolist() == [
+        [True, True, False, False, False, False],
+        [True, True, False, False, False, False],
+        [False, False, True, False, False, False],
+        [False, False, False, True, True, True],
+        [False, False, False, True, True, True],
+        [False, False, False, True, True, True],
+    ]
+    cls = torch.eye(3)[[0, 0, 1, 2, 2, 2]]  # (6, 3)
+    perfect = ClipOutput(cls, cls, torch.tensor(100.0), positives=mask)
+    assert float(ClipLoss()(perfect)) < 1e-4  # a perfect model has no loss, however captions repeat
+    # a wrong image costs: the loss is positive and falls as the image moves onto its caption
+    wrong = ClipOutput(cls[[2, 1, 2, 3, 4, 5]], cls, torch.tensor(100.0), positives=mask)
+    assert float(ClipLoss()(wrong)) > 1.0
+    # unique captions: the usual one-hot InfoNCE
+    e = F.normalize(torch.randn(6, 8), dim=-1)
+    logits = 10.0 * e @ e.roll(1, 0).T
+    labels = torch.arange(6)
+    expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    out = ClipOutput(e, e.roll(1, 0), torch.tensor(10.0), positives=torch.eye(6, dtype=torch.bool))
+    torch.testing.assert_close(ClipLoss()(out), expected)
+
+
+def test_forward_marks_identical_captions_as_positives() -> None:
+    arch = small_arch(1)
+    model = GrowCLIP(arch)
+    images, _ = batch(arch)
+    tokens = ByteTokenizer(arch.context_length).encode(["a shoe", "a bag", "a shoe", "a sho"])
+    out = model(images, tokens)
+    assert out.positives is not None
+    assert out.positives.tolist() == [
+        [True, False, True, False],
+        [False, True, False, False],
+        [True, False, True, False],
+        [False, False, False, True],
+    ]

@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from growclip_stream.growth.operators import GrowthOp, apply_op
@@ -42,3 +44,23 @@ def test_eval_loss_does_not_train() -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
     assert trainer.model.training
     assert trainer.eval_loss([]) is None
+
+
+def test_temperature_at_its_cap_keeps_learning() -> None:
+    # exp(logit_scale) is capped at 100; a parameter pushed past the cap must come back under it
+    # and keep a live gradient, or the temperature is frozen there for good
+    torch.manual_seed(0)
+    trainer = OnlineTrainer(GrowCLIP(tiny_arch()), TrainConfig(batch_size=16, lr=1e-2, warmup_steps=0))
+    batch = random_batches(trainer.model.arch, 1, size=16)[0]
+    with torch.no_grad():
+        trainer.model.logit_scale.fill_(math.log(100.0) + 0.5)
+    trainer.train_step(batch)  # the forward clamps there: no gradient on this step
+    cap = math.log(100.0)
+    values = [trainer.model.logit_scale.item()]
+    for _ in range(3):
+        trainer.train_step(batch)
+        grad = trainer.model.logit_scale.grad
+        assert grad is not None and float(grad.abs()) > 0
+        values.append(trainer.model.logit_scale.item())
+    assert all(v <= cap + 1e-6 for v in values)
+    assert values[-1] != values[0]  # it moves
