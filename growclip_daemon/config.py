@@ -66,6 +66,21 @@ class ServeSettings(Strict):
     max_items: int = Field(256, ge=1)
     max_text_chars: int = Field(4096, ge=1)
     admin_token_env: str = "GROWCLIP_ADMIN_TOKEN"  # admin routes are disabled when this variable is unset
+    # images: the per-image limits are data.max_image_pixels (and the 4096 side), as for ingest;
+    # all images of one request together may claim at most this many pixels
+    max_request_pixels: int = Field(16_000_000, ge=1)
+    # dynamic batching: requests share forward passes of up to batch_max_items items, a first
+    # request waiting at most batch_max_wait_ms for company; false = one forward pass per request
+    batching: bool = True
+    batch_max_items: int = Field(64, ge=1)
+    batch_max_wait_ms: float = Field(5.0, ge=0)
+    queue_max_items: int = Field(1024, ge=1)  # items queued per modality; past that, 429
+    queue_timeout_s: float = Field(10.0, gt=0)  # a request that would wait longer gets 503
+    keep_versions: int = Field(2, ge=1)  # model generations held for pinning (growclip@N), current included
+    drift_probe_size: int = Field(
+        256, ge=0
+    )  # reserved test images and captions embedded per publish; 0 = off
+    drift_interval_s: float = Field(30.0, ge=0)  # between drift measurements within a generation
 
 
 class ProducerSettings(Strict):

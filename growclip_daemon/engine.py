@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from growclip_daemon.batching import BatchLimits
 from growclip_daemon.broker import EmbeddedBroker
 from growclip_daemon.config import DaemonConfig
 from growclip_daemon.http import AppState, ControlRejected, HttpServer, ServeLimits, build_app
@@ -324,10 +325,15 @@ class TrainingService(ThreadService):
             self.metrics.decode_worker_deaths.inc(deaths - self._worker_deaths)
             self.metrics.decode_stalls.inc(stalls - self._stalls)
             self._worker_deaths, self._stalls = deaths, stalls
-        self._lag = self.source.lag()
+        previous, self._lag = self._lag, self.source.lag()
         if self.cfg.source == "kafka":
+            topic = self.cfg.kafka.topic
             for partition, lag in self._lag.items():
-                self.metrics.kafka_lag.labels(topic=self.cfg.kafka.topic, partition=str(partition)).set(lag)
+                self.metrics.kafka_lag.labels(topic=topic, partition=str(partition)).set(lag)
+            for partition in previous.keys() - self._lag.keys():  # revoked: its series goes too
+                self.metrics.kafka_lag.remove(topic, str(partition))
+        else:
+            self.metrics.shard_lag.labels(url=str(self.cfg.shards.url)).set(sum(self._lag.values()))
 
     def on_stop(self) -> None:
         super().on_stop()  # the loop finishes its step and trains what it consumed
@@ -407,6 +413,30 @@ class HttpService(Service):
         self.server.stop()
 
 
+def serve_limits(cfg: DaemonConfig) -> ServeLimits:
+    """Serving's limits: its own serve.* keys, and the per-image limits ingest uses (data.*)."""
+    serve = cfg.serve
+    return ServeLimits(
+        max_request_bytes=serve.max_request_bytes,
+        max_items=serve.max_items,
+        max_text_chars=serve.max_text_chars,
+        records=RecordLimits(
+            max_message_bytes=cfg.data.max_message_bytes,
+            max_caption_chars=cfg.data.max_caption_chars,
+            max_image_pixels=cfg.data.max_image_pixels,
+        ),
+        max_request_pixels=serve.max_request_pixels,
+        batch=BatchLimits(
+            batching=serve.batching,
+            max_batch_items=serve.batch_max_items,
+            max_wait_s=serve.batch_max_wait_ms / 1000,
+            max_queue_items=serve.queue_max_items,
+            timeout_s=serve.queue_timeout_s,
+        ),
+        device=cfg.train.device,
+    )
+
+
 class Daemon:
     """The whole process: build, start, wait for a signal or a crash, stop cleanly."""
 
@@ -414,16 +444,12 @@ class Daemon:
         self.cfg = cfg
         self.runtime = Runtime(bootstrap=cfg.kafka.bootstrap)
         self.metrics = Metrics()
-        self.store = SnapshotStore()
+        self.store = SnapshotStore(keep_versions=cfg.serve.keep_versions)
         self.training = TrainingService(cfg, self.runtime, self.store, self.metrics)
         state = AppState(
             store=self.store,
             metrics=self.metrics,
-            limits=ServeLimits(
-                max_request_bytes=cfg.serve.max_request_bytes,
-                max_items=cfg.serve.max_items,
-                max_text_chars=cfg.serve.max_text_chars,
-            ),
+            limits=serve_limits(cfg),
             controls=self.training,
             admin_token=os.environ.get(cfg.serve.admin_token_env) or None,
             status_extra=self.training.status,

@@ -1,17 +1,24 @@
-"""The HTTP API (DESIGN §4): health, metrics, embeddings, zero-shot ranking, model status, admin.
+"""The HTTP API (DESIGN §4): health, metrics, embeddings, models, zero-shot ranking, model status, admin.
 
 ``build_app(state)`` is a pure factory: everything the app needs is in :class:`AppState`, so tests
-build it around a small model and a fresh metrics registry, and nothing is global.
+build it around a small model and a fresh metrics registry, and nothing is global. The app owns
+one :class:`~growclip_daemon.batching.Batcher` per modality, started and stopped with the server.
 
-Model work runs in sync (``def``) endpoints, hence in the threadpool, never on the event loop;
-a semaphore bounds how many requests run the model at once so that serving cannot starve the
-trainer of CPU. Each request reads ``store.current`` once and answers with that snapshot only, so
-a growth published mid-request never mixes two models in one answer; the answer names the model
-it came from in its ``model`` field and in the ``X-Growclip-Model-Version`` header.
+Every route is ``async`` and never blocks the event loop: model work is queued to the batchers'
+threads and awaited; large bodies are parsed, and admin actions run, in the threadpool. So
+``/healthz``, ``/readyz``, ``/metrics``, ``/v1/model`` and the admin routes answer while the
+embedding queues are full. When they are, embedding requests are refused at once with 429 (queue
+full) or 503 (deadline), with ``Retry-After``, instead of piling up.
+
+Each request takes one snapshot (the current one, or the older generation it pins with
+``model: growclip@N``) and answers with that snapshot only, so a growth published mid-request
+never mixes two models in one answer; the answer names the model in its ``model`` field and in
+the ``X-Growclip-Model-Version`` header.
 
 Request bodies are bounded twice: by the declared ``Content-Length`` before reading, and by the
-bytes actually read (a chunked or lying client is cut off at the limit). Every error is a JSON
-``{"error": {"message", "type", "code", "param"}}`` with a 4xx or 5xx status.
+bytes actually read (a chunked or lying client is cut off at the limit); the images of one request
+by their total pixels (read from their headers before any decoding). Every error is OpenAI's
+shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx or 5xx status.
 
 :class:`HttpServer` runs uvicorn in a thread around a socket it binds before returning from
 ``start``, so ``/healthz`` answers while the rest of the daemon is still starting.
@@ -19,6 +26,7 @@ bytes actually read (a chunked or lying client is cut off at the limit). Every e
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -27,14 +35,16 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+import orjson
 import torch
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -42,20 +52,37 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from growclip_daemon import openapi
+from growclip_daemon.batching import Batcher, BatchLimits, Overloaded
 from growclip_daemon.metrics import Metrics
 from growclip_stream.data.records import RecordLimits
-from growclip_stream.serving import ImageItemError, ModelSnapshot, SnapshotStore, json_safe
+from growclip_stream.serving import (
+    ImageItemError,
+    ModelSnapshot,
+    SnapshotStore,
+    TokenIds,
+    claimed_pixels,
+    json_safe,
+)
 
 log = logging.getLogger(__name__)
 
 MODEL_VERSION_HEADER = "X-Growclip-Model-Version"
-MODEL_PREFIX = "growclip@"
+MODEL_NAME = "growclip"
+MODEL_PREFIX = MODEL_NAME + "@"
 ENCODING_FORMATS = ("float", "base64")
+BYTE_TOKEN_MAX = 255  # token ids are the byte tokenizer's: the UTF-8 bytes 0..255
 
 _EMBEDDINGS_FIELDS = frozenset({"input", "model", "encoding_format", "user", "dimensions"})
 _RANK_FIELDS = frozenset({"image", "texts", "model"})
 _PARSE_INLINE_BYTES = 256 * 1024  # request bodies smaller than this are parsed on the event loop
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -69,8 +96,10 @@ class ServeLimits:
     max_request_bytes: int = 8 * 1024 * 1024  # whole request body, checked declared and as read
     max_items: int = 256  # inputs per embeddings request; texts per rank request
     max_text_chars: int = 4096  # per text; the tokenizer truncates far earlier, this bounds work
-    records: RecordLimits = field(default_factory=RecordLimits)  # image pixel and side limits
-    max_concurrent_inference: int = 2  # requests running the model at once; others queue
+    records: RecordLimits = field(default_factory=RecordLimits)  # per-image pixel and side limits (data.*)
+    max_request_pixels: int = 16_000_000  # all images of one request together, from their headers
+    batch: BatchLimits = field(default_factory=BatchLimits)  # dynamic batching and queue bounds
+    device: str = "cpu"  # where the batchers run the model (a CUDA device gets its own stream)
 
 
 class Controls(Protocol):
@@ -95,6 +124,7 @@ class AppState:
     controls: Controls | None = None
     admin_token: str | None = None  # None or empty: admin routes answer 403 "admin API disabled"
     status_extra: Callable[[], dict[str, Any]] | None = None  # merged into GET /v1/model
+    drift_status: Callable[[], dict[str, Any]] | None = None  # GET /v1/model "drift"
 
 
 class ApiError(Exception):
@@ -117,6 +147,13 @@ class ApiError(Exception):
         self.headers = headers
 
 
+def error_type(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status."""
+    if status >= 500:
+        return "server_error"
+    return _ERROR_TYPES.get(status, "invalid_request_error")
+
+
 def error_response(
     status: int,
     message: str,
@@ -125,9 +162,12 @@ def error_response(
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "code": code, "param": param}}
+    body = {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _json(body: Any, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), media_type="application/json", headers=headers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,17 +175,45 @@ def error_response(
 
 
 def build_app(state: AppState) -> FastAPI:
-    """The API around ``state``. Pure: no globals, no background tasks."""
+    """The API around ``state``. Pure: no globals; its batcher threads live as long as the server."""
     limits = state.limits
     metrics = state.metrics
-    inference_slots = threading.BoundedSemaphore(limits.max_concurrent_inference)
+    device = torch.device(limits.device)
+    text_batcher: Batcher[str | TokenIds] = Batcher(
+        "text",
+        prepare=_prepare_texts,
+        forward=_forward_texts,
+        limits=limits.batch,
+        metrics=metrics,
+        device=device,
+    )
+    image_batcher: Batcher[bytes] = Batcher(
+        "image",
+        prepare=lambda snap, images: snap.decode_images(images, limits.records),
+        forward=_forward_images,
+        limits=limits.batch,
+        metrics=metrics,
+        device=device,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        text_batcher.start()
+        image_batcher.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(text_batcher.close)
+            await run_in_threadpool(image_batcher.close)
 
     app = FastAPI(
         title="growclip-stream",
         summary="Embeddings from a CLIP-style model that trains and grows online.",
+        version="1",
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url="/openapi.json",
+        lifespan=lifespan,
     )
     app.add_middleware(_RequestMetrics, metrics=metrics)
 
@@ -163,8 +231,8 @@ def build_app(state: AppState) -> FastAPI:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(400, f"invalid request: {exc.errors()}", "invalid_request")
 
-    async def json_body(request: Request) -> Any:
-        """The request body parsed as JSON, read up to ``max_request_bytes``."""
+    async def json_body(request: Request) -> tuple[Any, int]:
+        """The request body parsed as JSON, read up to ``max_request_bytes``, and its size."""
         limit = limits.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -195,10 +263,16 @@ def build_app(state: AppState) -> FastAPI:
         data = b"".join(chunks)
         try:
             if len(data) < _PARSE_INLINE_BYTES:
-                return json.loads(data)
-            return await run_in_threadpool(json.loads, data)  # megabytes of JSON: keep the loop free
+                return json.loads(data), size
+            return await run_in_threadpool(json.loads, data), size  # megabytes: keep the loop free
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
+
+    async def off_loop_if_large(size: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` inline for small bodies, in the threadpool for large ones (base64 of MBs)."""
+        if size < _PARSE_INLINE_BYTES:
+            return fn(*args)
+        return await run_in_threadpool(fn, *args)
 
     def require_snapshot() -> ModelSnapshot:
         snap = state.store.current
@@ -206,8 +280,57 @@ def build_app(state: AppState) -> FastAPI:
             raise ApiError(503, "no model is published yet; the trainer is starting", "model_not_ready")
         return snap
 
+    def choose_snapshot(body: Any) -> ModelSnapshot:
+        """The snapshot a request asked for: the current one, or a held one it pins."""
+        snap = require_snapshot()
+        model = body.get("model") if isinstance(body, dict) else None
+        if model is None:
+            return snap
+        if not isinstance(model, str):
+            raise ApiError(
+                400,
+                f"model is a JSON {_json_type(model)}, expected a string",
+                "wrong_type",
+                param="model",
+                headers=model_headers(snap),
+            )
+        if not model.startswith(MODEL_PREFIX):
+            return snap  # any other name means the current model (OpenAI clients always send one)
+        pinned = state.store.get(model[len(MODEL_PREFIX) :])
+        if pinned is None:
+            held = [MODEL_PREFIX + str(s.generation) for s in state.store.held()]
+            raise ApiError(
+                404,
+                f"model {model!r:.60} is not served (any more); held: {held} "
+                f"(serve.keep_versions generations are kept)",
+                "model_not_found",
+                param="model",
+                headers={MODEL_VERSION_HEADER: snap.version},
+            )
+        return pinned
+
     def model_headers(snap: ModelSnapshot) -> dict[str, str]:
         return {MODEL_VERSION_HEADER: snap.version}
+
+    async def embed(
+        snap: ModelSnapshot, texts: Sequence[str | TokenIds], images: Sequence[bytes]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Embeddings of ``texts`` and ``images`` from the batchers, awaited concurrently."""
+        try:
+            text_job = text_batcher.submit(snap, texts) if texts else None
+            image_job = image_batcher.submit(snap, images) if images else None
+        except Overloaded as e:
+            raise _overloaded(e) from None
+        text_out: torch.Tensor | None = None
+        image_out: torch.Tensor | None = None
+        try:
+            if text_job is not None:
+                text_out = await asyncio.wrap_future(text_job)
+            if image_job is not None:
+                image_out = await asyncio.wrap_future(image_job)
+        except Overloaded as e:
+            raise _overloaded(e) from None
+        return text_out, image_out
 
     # --- health and metrics -------------------------------------------------------------------
 
@@ -224,30 +347,70 @@ def build_app(state: AppState) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        # On the event loop (it takes about a millisecond): a scrape must not queue behind model work
-        # in the threadpool, or the metrics would go dark exactly when the API is busiest.
+        # On the event loop (it takes about a millisecond): a scrape must not queue behind any work.
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # --- model routes -------------------------------------------------------------------------
 
-    @app.post("/v1/embeddings")
-    def embeddings(body: Any = Depends(json_body)) -> JSONResponse:
+    def model_card(snap: ModelSnapshot, model_id: str) -> dict[str, Any]:
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": int(snap.published_at),
+            "owned_by": "growclip-stream",
+            "version": snap.version,
+            "generation": snap.generation,
+            "embed_dim": snap.arch.embed_dim,
+        }
+
+    def model_list() -> list[dict[str, Any]]:
         snap = require_snapshot()
+        cards = [model_card(snap, MODEL_NAME)]  # the alias that always follows the newest model
+        cards += [model_card(s, MODEL_PREFIX + str(s.generation)) for s in reversed(state.store.held())]
+        return cards
+
+    @app.get("/v1/models", openapi_extra=openapi.MODELS)
+    async def models() -> Response:
+        return _json({"object": "list", "data": model_list()})
+
+    @app.get("/v1/models/{model_id}", openapi_extra=openapi.MODEL)
+    async def model_by_id(model_id: str) -> Response:
+        for card in model_list():
+            if card["id"] == model_id:
+                return _json(card)
+        raise ApiError(404, f"model {model_id!r:.60} is not served", "model_not_found", param="model")
+
+    @app.post("/v1/embeddings", openapi_extra=openapi.EMBEDDINGS)
+    async def embeddings(request: Request) -> Response:
+        body, size = await json_body(request)
+        snap = choose_snapshot(body)
         with _versioned_errors(snap):
-            req = _parse_embeddings(body, limits, snap)
-            metrics.serve_batch_size.observe(len(req.items))
-            with inference_slots:
-                out = _embed_items(snap, req.items, limits)  # (N, D)
+            req = await off_loop_if_large(size, _parse_embeddings, body, limits, snap)
+            text_at = [i for i, item in enumerate(req.items) if not isinstance(item, bytes)]
+            image_at = [i for i, item in enumerate(req.items) if isinstance(item, bytes)]
+            texts = [req.items[i] for i in text_at]
+            images = [req.items[i] for i in image_at]
+            try:
+                text_out, image_out = await embed(snap, texts, images)
+            except ImageItemError as e:
+                raise _bad_image(e, f"input[{image_at[e.index]}]") from None
+        out = np.empty((len(req.items), snap.arch.embed_dim), dtype=np.float32)  # (N, D)
+        if text_out is not None:
+            out[text_at] = text_out.numpy()
+        if image_out is not None:
+            out[image_at] = image_out.numpy()
+        if (
+            req.dimensions is not None and req.dimensions != out.shape[1]
+        ):  # pragma: no cover - refused at parse
+            raise ApiError(400, "dimensions", "bad_dimensions")
+        encoded: list[Any]
         if req.encoding_format == "base64":
-            encoded: list[Any] = [
-                base64.b64encode(row.numpy().astype("<f4").tobytes()).decode("ascii") for row in out
-            ]
+            encoded = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in out]
         else:
             encoded = out.tolist()
-        texts = [item for item in req.items if isinstance(item, str)]
         tokens = sum(snap.text_token_counts(texts)) if texts else 0
-        tokens += (len(req.items) - len(texts)) * snap.image_tokens  # patches and class token per image
-        return JSONResponse(
+        tokens += len(images) * snap.image_tokens  # patches and class token per image
+        return _json(
             {
                 "object": "list",
                 "data": [
@@ -259,20 +422,20 @@ def build_app(state: AppState) -> FastAPI:
             headers=model_headers(snap),
         )
 
-    @app.post("/v1/rank")
-    def rank(body: Any = Depends(json_body)) -> JSONResponse:
-        snap = require_snapshot()
+    @app.post("/v1/rank", openapi_extra=openapi.RANK)
+    async def rank(request: Request) -> Response:
+        body, size = await json_body(request)
+        snap = choose_snapshot(body)
         with _versioned_errors(snap):
-            image, texts = _parse_rank(body, limits)
-            with inference_slots:
-                try:
-                    image_emb = snap.embed_images([image], limits.records)  # (1, D)
-                except ImageItemError as e:
-                    raise _bad_image(e, "image") from None
-                text_emb = snap.embed_texts(texts)  # (N, D)
+            image, texts = await off_loop_if_large(size, _parse_rank, body, limits)
+            try:
+                text_emb, image_emb = await embed(snap, texts, [image])
+            except ImageItemError as e:
+                raise _bad_image(e, "image") from None
+        assert text_emb is not None and image_emb is not None  # both were submitted
         scores = snap.logit_scale * (image_emb @ text_emb.T)[0]  # (N,)
         probabilities = torch.softmax(scores.double(), dim=0)
-        return JSONResponse(
+        return _json(
             {
                 "object": "rank",
                 "model": MODEL_PREFIX + snap.version,
@@ -282,8 +445,8 @@ def build_app(state: AppState) -> FastAPI:
             headers=model_headers(snap),
         )
 
-    @app.get("/v1/model")
-    def model_status() -> JSONResponse:
+    @app.get("/v1/model", openapi_extra=openapi.MODEL_STATUS)
+    async def model_status() -> Response:
         snap = require_snapshot()
         answer: dict[str, Any] = {"model": MODEL_PREFIX + snap.version}
         if state.status_extra is not None:
@@ -293,7 +456,21 @@ def build_app(state: AppState) -> FastAPI:
                 log.exception("status_extra failed")
                 answer["status_error"] = f"{type(e).__name__}: {e}"
         answer.update(snap.describe())  # the snapshot's own fields win over any extra of that name
-        return JSONResponse(answer, headers=model_headers(snap))
+        answer["serving"] = {
+            "versions_held": [MODEL_PREFIX + s.version for s in state.store.held()],
+            "keep_versions": state.store.keep_versions,
+            "batching": limits.batch.batching,
+            "max_batch_items": limits.batch.max_batch_items,
+            "queued_items": {"text": text_batcher.queued_items, "image": image_batcher.queued_items},
+        }
+        if state.drift_status is not None:
+            try:
+                answer["drift"] = json_safe(state.drift_status())
+            except Exception as e:
+                log.exception("drift_status failed")
+                answer["drift"] = {"error": f"{type(e).__name__}: {e}"}
+            _merge_drift_into_history(answer)
+        return _json(answer, headers=model_headers(snap))
 
     # --- admin --------------------------------------------------------------------------------
 
@@ -316,30 +493,74 @@ def build_app(state: AppState) -> FastAPI:
             raise ApiError(503, "daemon controls are not attached", "controls_unavailable")
         return state.controls
 
-    def run_control(name: str, action: Callable[[], dict[str, Any]]) -> JSONResponse:
+    async def run_control(request: Request, name: str) -> Response:
+        controls = require_admin(request)
+        action: Callable[[], dict[str, Any]] = {
+            "grow": controls.request_grow,
+            "checkpoint": controls.request_checkpoint,
+            "pause": controls.pause,
+            "resume": controls.resume,
+        }[name]
         try:
-            result = action()
+            result = await run_in_threadpool(action)  # a checkpoint waits for the training thread
         except ControlRejected as e:
             raise ApiError(409, f"{name} rejected: {e}", "conflict") from None
-        return JSONResponse({"action": name, "result": json_safe(result)})
+        return _json({"action": name, "result": json_safe(result)})
 
-    @app.post("/admin/grow")
-    def admin_grow(controls: Controls = Depends(require_admin)) -> JSONResponse:
-        return run_control("grow", controls.request_grow)
+    @app.post("/admin/grow", openapi_extra=openapi.ADMIN)
+    async def admin_grow(request: Request) -> Response:
+        return await run_control(request, "grow")
 
-    @app.post("/admin/checkpoint")
-    def admin_checkpoint(controls: Controls = Depends(require_admin)) -> JSONResponse:
-        return run_control("checkpoint", controls.request_checkpoint)
+    @app.post("/admin/checkpoint", openapi_extra=openapi.ADMIN)
+    async def admin_checkpoint(request: Request) -> Response:
+        return await run_control(request, "checkpoint")
 
-    @app.post("/admin/pause")
-    def admin_pause(controls: Controls = Depends(require_admin)) -> JSONResponse:
-        return run_control("pause", controls.pause)
+    @app.post("/admin/pause", openapi_extra=openapi.ADMIN)
+    async def admin_pause(request: Request) -> Response:
+        return await run_control(request, "pause")
 
-    @app.post("/admin/resume")
-    def admin_resume(controls: Controls = Depends(require_admin)) -> JSONResponse:
-        return run_control("resume", controls.resume)
+    @app.post("/admin/resume", openapi_extra=openapi.ADMIN)
+    async def admin_resume(request: Request) -> Response:
+        return await run_control(request, "resume")
 
     return app
+
+
+def _overloaded(e: Overloaded) -> ApiError:
+    return ApiError(
+        e.status,
+        str(e),
+        "rate_limit_exceeded" if e.status == 429 else "overloaded",
+        headers={"Retry-After": e.retry_after},
+    )
+
+
+def _merge_drift_into_history(answer: dict[str, Any]) -> None:
+    """Each growth event in ``growth_history`` gets the drift measured when its generation was
+    first served (``drift.by_generation``), so the history says how far each growth moved things."""
+    drift = answer.get("drift")
+    by_generation = drift.get("by_generation", {}) if isinstance(drift, dict) else {}
+    for event in answer.get("growth_history") or []:
+        if isinstance(event, dict):
+            found = by_generation.get(str(event.get("generation")))
+            if found is not None:
+                event["drift"] = found
+
+
+# ---------------------------------------------------------------------------------------------
+# model work (on the batchers' threads)
+
+
+def _prepare_texts(snap: ModelSnapshot, texts: Sequence[str | TokenIds]) -> torch.Tensor:
+    return snap.tokenize(texts)
+
+
+def _forward_texts(snap: ModelSnapshot, tokens: torch.Tensor) -> torch.Tensor:
+    return snap.embed_tokens(tokens)
+
+
+def _forward_images(snap: ModelSnapshot, pixels: torch.Tensor) -> torch.Tensor:
+    return snap.embed_pixels(pixels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,25 +569,9 @@ def build_app(state: AppState) -> FastAPI:
 
 @dataclass(frozen=True)
 class _EmbeddingsRequest:
-    items: list[str | bytes]  # in input order: a text, or the encoded bytes of an image
+    items: list[str | TokenIds | bytes]  # in input order: a text, token ids, or an image's bytes
     encoding_format: str
-
-
-def _embed_items(snap: ModelSnapshot, items: list[str | bytes], limits: ServeLimits) -> torch.Tensor:
-    """(N, D) embeddings of mixed texts and images, in item order: one batch per modality."""
-    text_at = [i for i, item in enumerate(items) if isinstance(item, str)]
-    image_at = [i for i, item in enumerate(items) if isinstance(item, bytes)]
-    texts = [item for item in items if isinstance(item, str)]
-    images = [item for item in items if isinstance(item, bytes)]
-    out = torch.empty((len(items), snap.arch.embed_dim), dtype=torch.float32)  # (N, D)
-    if images:
-        try:
-            out[image_at] = snap.embed_images(images, limits.records)
-        except ImageItemError as e:
-            raise _bad_image(e, f"input[{image_at[e.index]}]") from None
-    if texts:
-        out[text_at] = snap.embed_texts(texts)
-    return out
+    dimensions: int | None
 
 
 @contextmanager
@@ -379,6 +584,35 @@ def _versioned_errors(snap: ModelSnapshot) -> Iterator[None]:
         raise
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_ids(value: list[Any], where: str) -> TokenIds:
+    """A token array: ids of the byte tokenizer (UTF-8 bytes 0..255). Ids of other tokenizers
+    (e.g. tiktoken's, which some OpenAI clients send) mean nothing to this model: 400."""
+    if not value:
+        raise ApiError(400, f"{where} is an empty token array", "empty_input", param=where)
+    for j, tok in enumerate(value):
+        if not _is_int(tok):
+            raise ApiError(
+                400,
+                f"{where}[{j}] is a JSON {_json_type(tok)}; a token array holds integers",
+                "wrong_type",
+                param=where,
+            )
+        if not 0 <= tok <= BYTE_TOKEN_MAX:
+            raise ApiError(
+                400,
+                f"{where}[{j}] = {tok}: token ids are this model's byte tokenizer's (UTF-8 bytes "
+                f"0..{BYTE_TOKEN_MAX}); ids of another tokenizer (e.g. tiktoken) cannot be read, "
+                "send the text as a string",
+                "bad_token_id",
+                param=where,
+            )
+    return TokenIds(value)
+
+
 def _parse_embeddings(body: Any, limits: ServeLimits, snap: ModelSnapshot) -> _EmbeddingsRequest:
     if not isinstance(body, dict):
         raise ApiError(400, f"request body is a JSON {_json_type(body)}, expected an object", "wrong_type")
@@ -387,8 +621,14 @@ def _parse_embeddings(body: Any, limits: ServeLimits, snap: ModelSnapshot) -> _E
         raise ApiError(
             400, f"unknown field(s) {unknown}; accepted: {sorted(_EMBEDDINGS_FIELDS)}", "unknown_field"
         )
-    _check_model_field(body)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise ApiError(
+            400, f"user is a JSON {_json_type(user)}, expected a string", "wrong_type", param="user"
+        )
     encoding_format = body.get("encoding_format", "float")
+    if encoding_format is None:
+        encoding_format = "float"
     if encoding_format not in ENCODING_FORMATS:
         raise ApiError(
             400,
@@ -397,24 +637,37 @@ def _parse_embeddings(body: Any, limits: ServeLimits, snap: ModelSnapshot) -> _E
             param="encoding_format",
         )
     dimensions = body.get("dimensions")
-    if dimensions is not None and dimensions != snap.arch.embed_dim:
-        raise ApiError(
-            400,
-            f"dimensions {dimensions!r:.40} is not supported; this model embeds in {snap.arch.embed_dim}",
-            "bad_dimensions",
-            param="dimensions",
-        )
+    if dimensions is not None:
+        if not _is_int(dimensions) or dimensions < 1:
+            raise ApiError(
+                400,
+                f"dimensions {dimensions!r:.40} is not a positive integer",
+                "bad_dimensions",
+                param="dimensions",
+            )
+        if dimensions != snap.arch.embed_dim:
+            raise ApiError(
+                400,
+                f"dimensions {dimensions} is not supported: this model embeds in {snap.arch.embed_dim} "
+                "dimensions and was not trained for shorter (nested) embeddings, so a truncated "
+                f"vector would not be a meaningful embedding; omit dimensions or send {snap.arch.embed_dim}",
+                "bad_dimensions",
+                param="dimensions",
+            )
     if "input" not in body:
         raise ApiError(400, "field 'input' is missing", "missing_field", param="input")
     raw = body["input"]
     if isinstance(raw, str):
         items: list[Any] = [raw]
+    elif isinstance(raw, list) and raw and all(_is_int(x) for x in raw):
+        items = [raw]  # one token array
     elif isinstance(raw, list):
         items = raw
     else:
         raise ApiError(
             400,
-            f"input is a JSON {_json_type(raw)}; expected a string or a list of strings and image objects",
+            f"input is a JSON {_json_type(raw)}; expected a string, a token array, or a list of "
+            "strings, token arrays and image objects",
             "wrong_type",
             param="input",
         )
@@ -424,12 +677,16 @@ def _parse_embeddings(body: Any, limits: ServeLimits, snap: ModelSnapshot) -> _E
         raise ApiError(
             400, f"input has {len(items)} items, limit {limits.max_items}", "too_many_items", param="input"
         )
-    parsed: list[str | bytes] = []
+    single = not isinstance(raw, list) or items[0] is raw
+    parsed: list[str | TokenIds | bytes] = []
+    pixels = 0
     for i, item in enumerate(items):
-        where = "input" if isinstance(raw, str) else f"input[{i}]"
+        where = "input" if single else f"input[{i}]"
         if isinstance(item, str):
             _check_text(item, where, limits)
             parsed.append(item)
+        elif isinstance(item, list):
+            parsed.append(_token_ids(item, where))
         elif isinstance(item, dict):
             if set(item) != {"image"}:
                 raise ApiError(
@@ -438,22 +695,27 @@ def _parse_embeddings(body: Any, limits: ServeLimits, snap: ModelSnapshot) -> _E
                     "wrong_type",
                     param=where,
                 )
-            parsed.append(_decode_base64_image(item["image"], where))
-        elif (isinstance(item, int) and not isinstance(item, bool)) or isinstance(item, list):
-            raise ApiError(
-                400,
-                f"{where}: token arrays are not supported; send text as strings",
-                "wrong_type",
-                param=where,
-            )
+            data = _decode_base64_image(item["image"], where)
+            pixels += claimed_pixels(data)
+            if pixels > limits.max_request_pixels:
+                raise ApiError(
+                    400,
+                    f"the images up to {where} hold {pixels} pixels, over the limit of "
+                    f"{limits.max_request_pixels} per request (serve.max_request_pixels); send fewer "
+                    "or smaller images",
+                    "too_many_pixels",
+                    param=where,
+                )
+            parsed.append(data)
         else:
             raise ApiError(
                 400,
-                f"{where} is a JSON {_json_type(item)}; expected a string or {{'image': base64}}",
+                f"{where} is a JSON {_json_type(item)}; expected a string, a token array or "
+                "{'image': base64}",
                 "wrong_type",
                 param=where,
             )
-    return _EmbeddingsRequest(parsed, encoding_format)
+    return _EmbeddingsRequest(parsed, encoding_format, dimensions)
 
 
 def _parse_rank(body: Any, limits: ServeLimits) -> tuple[bytes, list[str]]:
@@ -462,11 +724,18 @@ def _parse_rank(body: Any, limits: ServeLimits) -> tuple[bytes, list[str]]:
     unknown = sorted(set(body) - _RANK_FIELDS)
     if unknown:
         raise ApiError(400, f"unknown field(s) {unknown}; accepted: {sorted(_RANK_FIELDS)}", "unknown_field")
-    _check_model_field(body)
     for name in ("image", "texts"):
         if name not in body:
             raise ApiError(400, f"field {name!r} is missing", "missing_field", param=name)
     image = _decode_base64_image(body["image"], "image")
+    pixels = claimed_pixels(image)
+    if pixels > limits.max_request_pixels:
+        raise ApiError(
+            400,
+            f"image holds {pixels} pixels, over the limit of {limits.max_request_pixels} per request",
+            "too_many_pixels",
+            param="image",
+        )
     texts = body["texts"]
     if not isinstance(texts, list):
         raise ApiError(
@@ -489,15 +758,6 @@ def _parse_rank(body: Any, limits: ServeLimits) -> tuple[bytes, list[str]]:
             )
         _check_text(text, where, limits)
     return image, texts
-
-
-def _check_model_field(body: dict[str, Any]) -> None:
-    # Any name is accepted (OpenAI clients always send one); the answer names the model used.
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise ApiError(
-            400, f"model is a JSON {_json_type(model)}, expected a string", "wrong_type", param="model"
-        )
 
 
 def _check_text(text: str, where: str, limits: ServeLimits) -> None:

@@ -1,8 +1,10 @@
 """Every Prometheus series the daemon exports, on one injectable registry.
 
-All names carry the ``growclip_`` prefix and follow the Prometheus naming conventions: base units
-in the name (``_seconds``, ``_bytes``), ``_total`` on counters and only on counters, and a help
-text on every family, so that ``promtool check metrics`` has nothing to say about them.
+All our names carry the ``growclip_`` prefix (the standard ``process_*`` and ``python_*`` series
+of prometheus_client's process, GC and platform collectors sit beside them) and follow the
+Prometheus naming conventions: base units in the name (``_seconds``, ``_bytes``), ``_total`` on
+counters and only on counters, and a help text on every family, so that ``promtool check metrics``
+has nothing to say about them.
 
 ``Metrics()`` creates its own ``CollectorRegistry`` (never the process-global default), so two
 instances, e.g. two daemons in one test process, never clash. Label values are kept to small,
@@ -15,7 +17,16 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from growclip_stream.growth.controller import PHASES
 
@@ -40,6 +51,27 @@ TRAIN_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 HTTP_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 CHECKPOINT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Queue waits measured on 2 CPU cores (bench/serving.py): ~1-5 ms at low load (the batching window),
+# tens to hundreds of ms with 32 clients, seconds only when a request is about to be refused.
+QUEUE_WAIT_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+MODALITIES = ("text", "image")
+DRIFT_AGAINST = ("previous", "oldest")
+REJECT_REASONS = ("queue_full", "deadline", "stopping")
 
 
 class Metrics:
@@ -102,7 +134,7 @@ class Metrics:
 
         # --- model ------------------------------------------------------------------------------
         self.model_generation = Gauge(
-            "model_version",
+            "model_generation",
             "Architecture generation of the published model (grows by 1 per growth).",
             namespace=ns,
             registry=r,
@@ -182,8 +214,23 @@ class Metrics:
         )
         self.kafka_lag = Gauge(
             "kafka_consumer_lag_records",
-            "Records between the consumer position and the high watermark, per assigned partition.",
+            "Records between the consumer position and the high watermark, per assigned partition "
+            "(a revoked partition's series is removed).",
             ["topic", "partition"],
+            namespace=ns,
+            registry=r,
+        )
+        self.shard_lag = Gauge(
+            "shard_source_lag_records",
+            "Rows left to read in the listed shards whose row count is known (shard sources only).",
+            ["url"],
+            namespace=ns,
+            registry=r,
+        )
+        self.dead_letter_failures = Counter(
+            "dead_letter_write_failures",
+            "Writes to the dead letter (Kafka <topic>.dlq or the shard dead-letter file) that failed.",
+            ["source"],
             namespace=ns,
             registry=r,
         )
@@ -227,11 +274,90 @@ class Metrics:
         )
         self.serve_batch_size = Histogram(
             "serve_batch_size",
-            "Items (texts and images) per embeddings request.",
+            "Items (texts or images) per forward pass of a serving batcher, across requests.",
+            ["modality"],
             namespace=ns,
             registry=r,
             buckets=BATCH_SIZE_BUCKETS,
         )
+        self.serve_queue_wait = Histogram(
+            "serve_queue_wait_seconds",
+            "Time a request's items waited in a batcher's queue before their batch started.",
+            ["modality"],
+            namespace=ns,
+            registry=r,
+            buckets=QUEUE_WAIT_BUCKETS,
+        )
+        self.serve_queue_items = Gauge(
+            "serve_queue_items",
+            "Items waiting in a batcher's queue now.",
+            ["modality"],
+            namespace=ns,
+            registry=r,
+        )
+        self.serve_rejected = Counter(
+            "serve_rejected_requests",
+            "Requests refused for capacity: queue_full (429), deadline (503), stopping (503).",
+            ["modality", "reason"],
+            namespace=ns,
+            registry=r,
+        )
+        for modality in MODALITIES:
+            self.serve_batch_size.labels(modality=modality)
+            self.serve_queue_wait.labels(modality=modality)
+            self.serve_queue_items.labels(modality=modality)
+            for reason in REJECT_REASONS:
+                self.serve_rejected.labels(modality=modality, reason=reason)
+
+        # --- embedding drift --------------------------------------------------------------------
+        self.drift_cosine = Gauge(
+            "embedding_drift_mean_cosine",
+            "Mean cosine between the served model's embeddings of the fixed probe set and those of "
+            "the previous version (against=previous) or the oldest still-served one (against=oldest); "
+            "1 = nothing moved.",
+            ["modality", "against"],
+            namespace=ns,
+            registry=r,
+        )
+        self.drift_overlap = Gauge(
+            "embedding_drift_neighbour_overlap_ratio",
+            "Mean share of each probe's 10 nearest probe neighbours that the served model and the "
+            "compared version have in common; 1 = same neighbourhoods.",
+            ["modality", "against"],
+            namespace=ns,
+            registry=r,
+        )
+        self.drift_versions = Gauge(
+            "embedding_drift_generations",
+            "Generations between the served model and the compared version.",
+            ["against"],
+            namespace=ns,
+            registry=r,
+        )
+        self.drift_computed = Gauge(
+            "embedding_drift_computed_timestamp_seconds",
+            "Unix time the drift series were last computed.",
+            namespace=ns,
+            registry=r,
+        )
+        self.serve_versions_held = Gauge(
+            "serve_versions_held",
+            "Model generations held for serving (pinnable as growclip@N), the current one included.",
+            namespace=ns,
+            registry=r,
+        )
+        for modality in MODALITIES:
+            for against in DRIFT_AGAINST:
+                self.drift_cosine.labels(modality=modality, against=against).set(math.nan)
+                self.drift_overlap.labels(modality=modality, against=against).set(math.nan)
+        for against in DRIFT_AGAINST:
+            self.drift_versions.labels(against=against)
+
+        # --- process ----------------------------------------------------------------------------
+        # The standard process_*, python_gc_* and python_info series, on this registry.
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
 
     def set_model(self, snap: ModelSnapshot) -> None:
         """Point the model series at a newly published snapshot."""

@@ -10,11 +10,19 @@ in-place updates.
 Forward passes run under ``torch.inference_mode()``. Several request threads may run the same
 snapshot at once: the forward pass of a module in eval mode reads its parameters and writes no
 state, so that is safe.
+
+The store keeps the newest snapshot of each of the last ``keep_versions`` generations, so a client
+that stored embeddings of an older generation can pin it (``growclip@N``) while it re-embeds.
+Requests are batched across clients by the service (``growclip_daemon.batching``); the snapshot
+offers the two halves a batcher needs: per-request preparation (:meth:`ModelSnapshot.tokenize`,
+:meth:`ModelSnapshot.decode_images`) and one forward pass over the concatenation
+(:meth:`ModelSnapshot.embed_tokens`, :meth:`ModelSnapshot.embed_pixels`).
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import math
 import threading
 import time
@@ -23,14 +31,37 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from growclip_stream.data.images import ImageTransform, normalize_batch
-from growclip_stream.data.records import RecordError, RecordLimits
+from growclip_stream.data.records import RecordError, RecordLimits, sniff_content_type
 from growclip_stream.model.clip import ArchConfig, GrowCLIP
-from growclip_stream.model.tokenizer import PAD_ID, ByteTokenizer
+from growclip_stream.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, ByteTokenizer
 
 MAX_LOGIT_SCALE = 100.0
 """Upper bound of the softmax temperature ``exp(logit_scale)``, as in CLIP."""
+
+
+_HEADER_READERS: dict[str, type[ImageFile.ImageFile]] = {
+    "image/png": PngImagePlugin.PngImageFile,
+    "image/jpeg": JpegImagePlugin.JpegImageFile,
+    "image/webp": WebPImagePlugin.WebPImageFile,
+}
+
+
+class TokenIds(tuple[int, ...]):
+    """A text given as ids of the byte tokenizer (0..255, the UTF-8 bytes), not as a string."""
+
+
+def claimed_pixels(data: bytes) -> int:
+    """Width x height that an encoded image's header claims, read without decoding any pixel (a
+    request's pixel budget is checked before its images are decoded). 0 when the header cannot be
+    read: the decoder then rejects the image with its precise reason."""
+    try:
+        width, height = _HEADER_READERS[sniff_content_type(data)](io.BytesIO(data)).size
+    except Exception:  # RecordError (not an image); Pillow's SyntaxError, OSError, struct.error, ...
+        return 0
+    return max(0, int(width)) * max(0, int(height))
 
 
 class ImageItemError(RecordError):
@@ -117,16 +148,39 @@ class ModelSnapshot:
         total = _count(self.model)
         return {"image": image, "text": text, "shared": total - image - text, "total": total}
 
-    def text_token_counts(self, texts: Sequence[str]) -> list[int]:
+    def text_token_counts(self, texts: Sequence[str | TokenIds]) -> list[int]:
         """Tokens each text feeds the model (BOS and EOS included, after truncation)."""
-        tokens = self._tokenizer.encode(list(texts))  # (N, T)
+        tokens = self.tokenize(texts)  # (N, T)
         return (tokens != PAD_ID).sum(dim=1).tolist()
 
-    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """(N, embed_dim) float32 L2-normalised text embeddings."""
-        tokens = self._tokenizer.encode(list(texts))  # (N, T)
+    def tokenize(self, texts: Sequence[str | TokenIds]) -> torch.Tensor:
+        """(N, context_length) ids: strings through the byte tokenizer, :class:`TokenIds` as given
+        (cut to the context like a string's bytes), each framed by BOS and EOS."""
+        if all(isinstance(t, str) for t in texts):
+            return self._tokenizer.encode(list(texts))  # type: ignore[arg-type]
+        ctx = self.arch.context_length
+        out = torch.full((len(texts), ctx), PAD_ID, dtype=torch.int64)
+        for i, text in enumerate(texts):
+            if isinstance(text, str):
+                out[i] = self._tokenizer.encode([text])[0]
+            else:
+                ids = [BOS_ID, *text[: ctx - 2], EOS_ID]
+                out[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        return out
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, embed_dim) float32 L2-normalised text embeddings of (N, T) token ids."""
         with torch.inference_mode():
             return self.model.encode_text(tokens).float()
+
+    def embed_pixels(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, embed_dim) float32 L2-normalised image embeddings of a (N, C, H, W) pixel batch."""
+        with torch.inference_mode():
+            return self.model.encode_image(batch).float()
+
+    def embed_texts(self, texts: Sequence[str | TokenIds]) -> torch.Tensor:
+        """(N, embed_dim) float32 L2-normalised text embeddings."""
+        return self.embed_tokens(self.tokenize(texts))
 
     def decode_images(self, images: Sequence[bytes], limits: RecordLimits) -> torch.Tensor:
         """Decode and transform encoded images to a (N, C, H, W) float batch for this architecture.
@@ -149,9 +203,7 @@ class ModelSnapshot:
 
         Raises :class:`ImageItemError` (a :class:`RecordError`) naming the index of a bad image.
         """
-        batch = self.decode_images(images, limits)  # (N, C, H, W)
-        with torch.inference_mode():
-            return self.model.encode_image(batch).float()
+        return self.embed_pixels(self.decode_images(images, limits))  # (N, C, H, W) -> (N, D)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-safe description: version, architecture, parameters, FLOPs, growth history."""
@@ -171,22 +223,43 @@ class ModelSnapshot:
 
 
 class SnapshotStore:
-    """Holds the snapshot serving answers from. ``publish`` swaps the reference under a lock;
-    readers take ``current`` once per request, without locking (a reference read is atomic)."""
+    """Holds the snapshots serving answers from. ``publish`` swaps the reference under a lock;
+    readers take ``current`` once per request, without locking (a reference read is atomic).
 
-    def __init__(self) -> None:
+    Besides the current snapshot it holds the newest snapshot of each of the ``keep_versions - 1``
+    generations before it, for clients that pin an older generation while they re-embed."""
+
+    def __init__(self, keep_versions: int = 1) -> None:
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
+        self.keep_versions = keep_versions
         self._lock = threading.Lock()
         self._current: ModelSnapshot | None = None
+        self._held: tuple[ModelSnapshot, ...] = ()  # newest per generation, oldest first; current last
         self._published = threading.Condition(self._lock)
 
     def publish(self, snap: ModelSnapshot) -> None:
         with self._lock:
+            older = tuple(s for s in self._held if s.generation < snap.generation)
+            self._held = (*older, snap)[-self.keep_versions :]
             self._current = snap
             self._published.notify_all()
 
     @property
     def current(self) -> ModelSnapshot | None:
         return self._current
+
+    def held(self) -> tuple[ModelSnapshot, ...]:
+        """The snapshots a client may ask for, oldest generation first; the current one last."""
+        return self._held
+
+    def get(self, version: str) -> ModelSnapshot | None:
+        """The held snapshot of ``version``: a generation (``"2"``: its newest snapshot) or an
+        exact ``"<generation>.<step>"``; None if it is not held (any more)."""
+        for snap in reversed(self._held):
+            if version in (str(snap.generation), snap.version):
+                return snap
+        return None
 
     def wait(self, timeout: float | None = None) -> ModelSnapshot | None:
         """The current snapshot, waiting up to ``timeout`` seconds for a first publish."""

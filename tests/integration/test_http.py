@@ -6,6 +6,7 @@ import base64
 import io
 import math
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from growclip_daemon.batching import BatchLimits
 from growclip_daemon.http import (
     MODEL_VERSION_HEADER,
     AppState,
@@ -24,6 +26,7 @@ from growclip_daemon.http import (
     HttpServer,
     ServeLimits,
     build_app,
+    error_type,
 )
 from growclip_daemon.metrics import Metrics
 from growclip_stream.data.records import RecordLimits
@@ -171,7 +174,8 @@ def assert_error(resp: httpx.Response, status: int, code: str, *, contains: str 
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]
     assert err["code"] == code, err
-    assert err["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    assert err["type"] == error_type(status)
+    assert set(err) == {"message", "type", "param", "code"}
     assert err["message"] and contains in err["message"], err
     return dict(err)
 
@@ -369,7 +373,12 @@ BAD_CASES: list[tuple[str, Any, int, str, str]] = [
     ("too many items", {"input": ["a"] * 9}, 400, "too_many_items", "9 items, limit 8"),
     ("text too long", {"input": ["a", "x" * 101]}, 400, "text_too_long", "input[1] is 101 characters"),
     ("input a number", {"input": 5}, 400, "wrong_type", "input is a JSON number"),
-    ("token arrays", {"input": [[1, 2, 3]]}, 400, "wrong_type", "token arrays"),
+    ("tiktoken ids", {"input": [[15339, 1917]]}, 400, "bad_token_id", "byte tokenizer"),
+    ("token id below 0", {"input": [-1, 3]}, 400, "bad_token_id", "input[0] = -1"),
+    ("empty token array", {"input": ["a", []]}, 400, "empty_input", "input[1]"),
+    ("token array with a string", {"input": [[104, "i"]]}, 400, "wrong_type", "input[0][1]"),
+    ("dimensions not an int", {"input": "a", "dimensions": "16"}, 400, "bad_dimensions", "positive"),
+    ("pinned generation not held", {"input": "a", "model": "growclip@7"}, 404, "model_not_found", "held"),
     ("null item", {"input": ["a", None]}, 400, "wrong_type", "input[1] is a JSON null"),
     ("image not a string", {"input": [{"image": 5}]}, 400, "wrong_type", "input[0]"),
     ("object without image", {"input": [{"text": "a"}]}, 400, "wrong_type", "input[0]"),
@@ -493,8 +502,11 @@ def test_metrics_count_requests_by_route_template(fresh_api: Api) -> None:
         if s.name.endswith("_count")
     }
     assert latency["/v1/embeddings"] == 2 and latency["/v1/rank"] == 1
-    batch = {s.name: s.value for s in families["growclip_serve_batch_size"].samples}
-    assert batch["growclip_serve_batch_size_count"] == 1 and batch["growclip_serve_batch_size_sum"] == 3
+    batch = {(s.name, s.labels["modality"]): s.value for s in families["growclip_serve_batch_size"].samples}
+    # One forward pass of 3 texts for the embeddings, one of 1 text and one of 1 image for the rank.
+    assert batch[("growclip_serve_batch_size_count", "text")] == 2
+    assert batch[("growclip_serve_batch_size_sum", "text")] == 4
+    assert batch[("growclip_serve_batch_size_count", "image")] == 1
     # The request now being answered is the scrape itself.
     assert families["growclip_http_requests_in_flight"].samples[0].value == 1
 
@@ -581,3 +593,118 @@ def test_port_in_use_fails_loudly() -> None:
             HttpServer(build_app(state), "127.0.0.1", first.port).start()
     finally:
         first.stop()
+
+
+# --- OpenAI compatibility: models, pinning, token arrays, dimensions ----------------------------
+
+
+def test_models_list_the_current_model_and_the_held_generations(make_api: Any, snap0: ModelSnapshot) -> None:
+    api = make_api()
+    api.state.store = SnapshotStore(keep_versions=2)
+    c = api.client
+    assert_error(c.get("/v1/models"), 503, "model_not_ready")
+    gen1, gen2 = snapshot(generation=1, step=200, seed=1), snapshot(generation=2, step=300, seed=2)
+    api.state.store.publish(snap0)
+    api.state.store.publish(gen1)
+    listed = c.get("/v1/models").json()
+    assert listed["object"] == "list"
+    assert [m["id"] for m in listed["data"]] == ["growclip", "growclip@1", "growclip@0"]
+    assert all(m["object"] == "model" and isinstance(m["created"], int) for m in listed["data"])
+    assert c.get("/v1/models/growclip@0").json()["version"] == "0.100"
+
+    text = ["a red dress"]
+    pinned = embed(c, text, model="growclip@0")
+    assert pinned.json()["model"] == "growclip@0.100"
+    assert torch.allclose(vectors(pinned), snap0.embed_texts(text), atol=1e-6)
+    assert embed(c, text, model="growclip@1.200").json()["model"] == "growclip@1.200"
+    assert embed(c, text, model="text-embedding-3-small").json()["model"] == "growclip@1.200"
+
+    api.state.store.publish(gen2)  # keep_versions=2: generation 0 is no longer held
+    assert_error(embed(c, text, model="growclip@0"), 404, "model_not_found", contains="growclip@1")
+    assert_error(c.get("/v1/models/growclip@0"), 404, "model_not_found")
+    assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["growclip", "growclip@2", "growclip@1"]
+    held = c.get("/v1/model").json()["serving"]
+    assert held["versions_held"] == ["growclip@1.200", "growclip@2.300"] and held["keep_versions"] == 2
+
+
+def test_token_arrays_are_byte_ids(api: Api, snap0: ModelSnapshot) -> None:
+    c = api.client
+    ids = list(b"a red dress")
+    single = vectors(embed(c, ids))
+    mixed = vectors(embed(c, [ids, "a red dress", list("é".encode())]))
+    expected = snap0.embed_texts(["a red dress", "a red dress", "é"])
+    assert torch.allclose(single[0], expected[0], atol=1e-6)
+    assert torch.allclose(mixed, expected, atol=1e-6)
+    assert embed(c, ids).json()["usage"]["prompt_tokens"] == len(ids) + 2
+
+
+def test_dimensions_equal_to_the_model_are_accepted(api: Api) -> None:
+    assert vectors(embed(api.client, "a", dimensions=EMBED_DIM)).shape == (1, EMBED_DIM)
+    assert_error(embed(api.client, "a", dimensions=EMBED_DIM // 2), 400, "bad_dimensions", contains="nested")
+
+
+def test_images_share_a_pixel_budget_per_request(make_api: Any, snap0: ModelSnapshot) -> None:
+    limits = ServeLimits(max_items=8, records=LIMITS.records, max_request_pixels=2 * 40 * 30)
+    api = make_api(limits=limits)
+    api.state.store.publish(snap0)
+    image = {"image": b64(png((1, 2, 3)))}  # 40x30
+    assert vectors(embed(api.client, [image, "text", image])).shape == (3, EMBED_DIM)
+    err = assert_error(embed(api.client, [image, image, image]), 400, "too_many_pixels", contains="3600")
+    assert err["param"] == "input[2]"
+
+
+def test_data_limits_apply_to_served_images() -> None:
+    from growclip_daemon.config import load_config
+    from growclip_daemon.engine import serve_limits
+
+    cfg = load_config(None, ["data.max_image_pixels=1000", "serve.max_request_pixels=5000"])
+    limits = serve_limits(cfg)
+    assert limits.records.max_image_pixels == 1000 and limits.max_request_pixels == 5000
+
+
+# --- overload ---------------------------------------------------------------------------------
+
+
+def test_full_queue_answers_429_while_health_and_model_answer(make_api: Any, snap0: ModelSnapshot) -> None:
+    # The batchers wait up to 2 s for 1000 items: the first two requests (4 items) fill the queue.
+    limits = ServeLimits(
+        max_items=8,
+        records=LIMITS.records,
+        batch=BatchLimits(max_batch_items=1000, max_wait_s=2.0, max_queue_items=4),
+    )
+    api = make_api(limits=limits)
+    api.state.store.publish(snap0)
+    url = f"http://127.0.0.1:{api.server.port}"
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        resp = httpx.post(f"{url}/v1/embeddings", json={"input": [f"t{i}", "u"]}, timeout=60)
+        with lock:
+            results.append(resp)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while (
+        api.state.metrics.registry.get_sample_value(
+            "growclip_serve_rejected_requests_total", {"modality": "text", "reason": "queue_full"}
+        )
+        != 6
+    ):
+        assert time.monotonic() < deadline, [r.status_code for r in results]
+        time.sleep(0.01)
+    # While two requests sit in the queue, the other routes answer at once.
+    assert api.client.get("/healthz").status_code == 200
+    assert api.client.get("/v1/model").status_code == 200
+    assert api.client.get("/v1/models").status_code == 200
+    for t in threads:
+        t.join(60)
+    codes = sorted(r.status_code for r in results)
+    assert codes == [200, 200] + [429] * 6
+    for r in results:
+        if r.status_code == 429:
+            assert_error(r, 429, "rate_limit_exceeded", contains="queue is full")
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.headers[MODEL_VERSION_HEADER] == "0.100"

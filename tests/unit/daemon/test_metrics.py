@@ -27,7 +27,7 @@ EXPECTED_FAMILIES = {
     "growclip_eval_holdout_loss": "gauge",
     "growclip_eval_zeroshot_top1_ratio": "gauge",
     "growclip_eval_retrieval_recall_ratio": "gauge",
-    "growclip_model_version": "gauge",
+    "growclip_model_generation": "gauge",
     "growclip_model_step": "gauge",
     "growclip_model_published_timestamp_seconds": "gauge",
     "growclip_model_parameters": "gauge",
@@ -46,6 +46,25 @@ EXPECTED_FAMILIES = {
     "growclip_http_request_duration_seconds": "histogram",
     "growclip_http_requests_in_flight": "gauge",
     "growclip_serve_batch_size": "histogram",
+    "growclip_serve_queue_wait_seconds": "histogram",
+    "growclip_serve_queue_items": "gauge",
+    "growclip_serve_rejected_requests_total": "counter",
+    "growclip_serve_versions_held": "gauge",
+    "growclip_shard_source_lag_records": "gauge",
+    "growclip_dead_letter_write_failures_total": "counter",
+    "growclip_embedding_drift_mean_cosine": "gauge",
+    "growclip_embedding_drift_neighbour_overlap_ratio": "gauge",
+    "growclip_embedding_drift_generations": "gauge",
+    "growclip_embedding_drift_computed_timestamp_seconds": "gauge",
+}
+STANDARD_FAMILIES = {
+    # prometheus_client's process, GC and platform collectors
+    "process_cpu_seconds_total": "counter",
+    "process_resident_memory_bytes": "gauge",
+    "process_open_fds": "gauge",
+    "python_gc_collections_total": "counter",
+    "python_gc_objects_collected_total": "counter",
+    "python_info": "gauge",
 }
 
 # The naming rules `promtool check metrics` applies (client_golang's promlint), on the text format.
@@ -104,8 +123,10 @@ def test_every_family_is_exported_with_its_type() -> None:
     types = {m.group(1): m.group(2) for m in map(_TYPE_LINE.match, text.splitlines()) if m}
     for name, kind in EXPECTED_FAMILIES.items():
         assert types.get(name) == kind, f"{name}: {types.get(name)}"
-    ours = {name for name in types if not name.endswith("_created")}
-    assert all(name.startswith("growclip_") for name in types)
+    for name, kind in STANDARD_FAMILIES.items():
+        assert types.get(name) == kind, f"{name}: {types.get(name)}"
+    ours = {name for name in types if name.startswith("growclip_") and not name.endswith("_created")}
+    assert all(name.startswith(("growclip_", "process_", "python_")) for name in types)
     assert ours == set(EXPECTED_FAMILIES), ours ^ set(EXPECTED_FAMILIES)
 
 
@@ -182,7 +203,7 @@ def test_set_model_publishes_generation_parameters_and_flops() -> None:
     m = Metrics()
     m.set_model(snap)
     r = m.registry
-    assert r.get_sample_value("growclip_model_version") == 3
+    assert r.get_sample_value("growclip_model_generation") == 3
     assert r.get_sample_value("growclip_model_step") == 900
     assert r.get_sample_value("growclip_model_published_timestamp_seconds") == snap.published_at
     assert r.get_sample_value("growclip_model_flops_per_sample") == arch.flops_per_sample()
