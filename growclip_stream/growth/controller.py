@@ -14,6 +14,7 @@ The trainer swaps the model in between (rebuilding its optimizer, carrying state
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,11 +25,11 @@ import torch
 from growclip_stream.batch import Batch
 from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.growth.operators import GrowthOp, apply_ops, grow_arch
-from growclip_stream.growth.pim import WeightEMA, carry_optimizer_state, ema_inherit
+from growclip_stream.growth.pim import WeightEMA, blend, carry_optimizer_state, ema_inherit
 from growclip_stream.growth.plateau import LossSmoother, PlateauState, PlateauTrigger
 from growclip_stream.growth.selection import score_candidates, select
 from growclip_stream.growth.space import Candidate, candidate_set, canonical_ops, rejected_candidates
-from growclip_stream.growth.supernet import Supernet, model_from_state
+from growclip_stream.growth.supernet import Supernet
 from growclip_stream.growth.triggers import DataVolumeTrigger, TriggerState
 from growclip_stream.model import ArchConfig, GrowCLIP
 from growclip_stream.optim import OptimizerSettings
@@ -158,12 +159,20 @@ class GrowthController:
         self.history: list[GrowthEvent] = []
         self.samples_at_last_growth = 0
         self.step_at_last_growth = 0
-        self._generator = torch.Generator().manual_seed(cfg.seed)
         self._on_phase = on_phase or (lambda phase: None)
 
     @property
     def generation(self) -> int:
         return len(self.history)
+
+    def growth_generator(self) -> torch.Generator:
+        """The random draws (split proportions, new units) of the next growth.
+
+        Derived from (seed, generation) alone, not from one generator advanced by every growth, so
+        a controller restored from a checkpoint grows exactly as the one that saved it would have.
+        """
+        digest = hashlib.sha256(f"growth:{self.cfg.seed}:{self.generation}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
     def capped(self) -> bool:
         return self.cfg.max_growths > 0 and self.generation >= self.cfg.max_growths
@@ -222,8 +231,8 @@ class GrowthController:
         self._on_phase("training_supernet")
         start = time.perf_counter()
         supernet = Supernet(
-            model, candidates, self._generator, train_cfg=self.train_cfg, sample_k=self.cfg.supernet_sample_k,
-            seed=self.cfg.seed + self.generation,
+            model, candidates, self.growth_generator(), train_cfg=self.train_cfg,
+            sample_k=self.cfg.supernet_sample_k, seed=self.cfg.seed + self.generation,
         )  # fmt: skip
         if optimizer is not None:
             carry_optimizer_state(model, optimizer, supernet.model, supernet.optimizer, supernet.ops)
@@ -256,16 +265,12 @@ class GrowthController:
         ops = canonical_ops(plan.choice.ops)
         m = self.cfg.momentum
         if plan.supernet is None or plan.candidate is None:
-            grown = apply_ops(model, ops, self._generator)  # plain function-preserving inheritance
+            grown = apply_ops(model, ops, self.growth_generator())  # plain function-preserving inheritance
         elif self.cfg.pim_mode == "ema" and self.ema is not None and self.ema.arch == model.arch:
-            grown = ema_inherit(model, self.ema, ops, m, self._generator)
+            grown = ema_inherit(model, self.ema, ops, m, self.growth_generator())
         else:
-            # blend: m * (function-preserving growth of the current weights) + (1 - m) * supernet's
-            inherited = apply_ops(model, ops, self._generator)
-            with torch.no_grad():
-                trained = plan.supernet.extract_state(plan.candidate)
-                state = {k: m * p.detach() + (1 - m) * trained[k] for k, p in inherited.state_dict().items()}
-            grown = model_from_state(inherited.arch, state, model.training) if m < 1 else inherited
+            # blend: m * (the current weights grown in the supernet's layout) + (1 - m) * the scored candidate
+            grown = blend(plan.supernet, plan.candidate, m, model)
         plan.phases["inherit_s"] = time.perf_counter() - start
         return grown
 

@@ -6,10 +6,12 @@ measure them (DESIGN.md §5). `momentum` m is in [0, 1]; m = 1 is plain function
 inheritance in both modes.
 
 - ``blend``: θ = m·θ_inherited + (1 − m)·θ_supernet, per parameter of the chosen candidate.
-  θ_inherited is the candidate extracted from the supernet *as constructed* (function-preserving:
-  the same embeddings as the old model); θ_supernet is the candidate extracted after supernet
-  training. Both share one layout (same split proportions, same new units), so the blend is a
-  straight line between a model that equals the old one and one the supernet trained.
+  θ_inherited is the candidate extracted from the current model grown in the supernet's layout
+  (`Supernet.grow_like`: the same split proportions and new units the supernet was built with;
+  the supernet as constructed when the model has not moved since): function-preserving, the same
+  embeddings as the current model. θ_supernet is the candidate extracted after supernet training.
+  Both share one layout, so the blend is a straight line between a model that equals the current
+  one and the very candidate the supernet scored.
   m = 0 is the supernet's extraction exactly.
 - ``ema``: as in AutoProg's momentum growth, grow from θ_base = m·θ_last + (1 − m)·θ_ema, where
   θ_ema is an exponential moving average of the pre-growth weights (`WeightEMA`, updated by the
@@ -99,11 +101,19 @@ class WeightEMA:
         self.updates = int(state["updates"])
 
 
-def blend(supernet: Supernet, candidate: Candidate, momentum: float) -> GrowCLIP:
-    """PIM "blend": m·inherited (function-preserving) + (1 − m)·supernet-trained weights of `candidate`."""
+def blend(
+    supernet: Supernet, candidate: Candidate, momentum: float, model: GrowCLIP | None = None
+) -> GrowCLIP:
+    """PIM "blend": m·inherited (function-preserving) + (1 − m)·supernet-trained weights of `candidate`.
+
+    The inherited end is `model` (default: the supernet's base as it was) grown in the supernet's
+    own layout (`Supernet.grow_like`: the same split proportions and new units), so m = 1 computes
+    `model`'s function and m = 0 is exactly the candidate the supernet scored.
+    """
     _check_momentum(momentum)
     with torch.no_grad():
-        inherited = supernet.extract_state(candidate, supernet.initial_state)
+        source = supernet.initial_state if model is None else supernet.grow_like(model)
+        inherited = supernet.extract_state(candidate, source)
         trained = supernet.extract_state(candidate)
         state = {k: _mix(inherited[k], trained[k], momentum) for k in inherited}
     return model_from_state(candidate.arch, state, supernet.model.training)
@@ -140,7 +150,7 @@ def inherit(
     if cfg.pim_mode == "blend":
         if supernet is None:
             raise ValueError("pim_mode 'blend' needs the supernet the candidate was selected from")
-        return blend(supernet, candidate, cfg.momentum)
+        return blend(supernet, candidate, cfg.momentum, model)
     if ema is None:
         raise ValueError("pim_mode 'ema' needs the WeightEMA of the pre-growth model")
     return ema_inherit(model, ema, candidate.ops, cfg.momentum, generator)

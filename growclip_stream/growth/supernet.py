@@ -27,7 +27,9 @@ on a weightless skeleton of its architecture) computes exactly what its standalo
 while gradients flow into the shared supernet weights.
 
 Training uses the sandwich rule (BigNAS): every step accumulates the gradients of the smallest
-sub-network, the largest candidate and `sample_k` other candidates drawn at random. The smallest
+sub-network, the largest one - the whole supernet (`Supernet.full`), so every operator's new
+weights train at every step, even those no single candidate holds all of - and `sample_k`
+candidates drawn at random. The smallest
 sub-network of this space is the no-growth base; training it keeps a fair reference for selection,
 which compares candidates against the base after the *same* supernet training instead of against the
 model before it (which would credit every candidate with the extra training steps).
@@ -145,6 +147,10 @@ class Supernet:
         self.candidates = tuple(candidates)
         self.reference = Candidate((), base.arch)  # the no-growth sub-network
         self.ops = union_ops(self.candidates)
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed)
+        self._growth_rng_state = generator.get_state().clone()  # replayed by `grow_like`
+        self._growth_rng_device = generator.device
         self.model = apply_ops(base, self.ops, generator)
         self.arch = self.model.arch
         self._factor = {t: _widen_factor(self.ops, t) for t in TOWER_NAMES}
@@ -156,12 +162,23 @@ class Supernet:
         self.steps = 0
         self._rng = random.Random(seed)
         self._skeletons: dict[ArchConfig, GrowCLIP] = {}
-        self.largest = max(self.candidates, key=lambda c: (c.flops, c.params))
+        self.full = Candidate(self.ops, self.arch)  # the whole supernet: the top of the sandwich
+
+    def grow_like(self, model: GrowCLIP) -> State:
+        """`model` (of the base's shape) grown exactly as the base was: the same split proportions and
+        new units, so the result lies in this supernet's layout and extracts to candidates that
+        compute `model`'s function (for PIM from a model trained on since the supernet was built)."""
+        if model.arch != self.base_arch:
+            raise ValueError("grow_like needs a model of the supernet's base architecture")
+        generator = torch.Generator(device=self._growth_rng_device)
+        generator.set_state(self._growth_rng_state)
+        grown = apply_ops(model, self.ops, generator)
+        return {k: p.detach() for k, p in grown.named_parameters()}
 
     # ------------------------------------------------------------------------- weight sharing
 
     def _check(self, cand: Candidate) -> None:
-        if cand != self.reference and cand not in self.candidates:
+        if cand != self.reference and cand != self.full and cand not in self.candidates:
             raise ValueError(f"candidate {cand.name} is not a sub-network of this supernet")
 
     def extract_state(self, cand: Candidate, state: State | None = None) -> State:
@@ -203,9 +220,9 @@ class Supernet:
     # ------------------------------------------------------------------------- training
 
     def sandwich(self) -> list[Candidate]:
-        """This step's sub-networks: the no-growth base, the largest candidate, `sample_k` others."""
-        others = [c for c in self.candidates if c != self.largest]
-        return [self.reference, self.largest, *self._rng.sample(others, min(self.sample_k, len(others)))]
+        """This step's sub-networks: the no-growth base, the whole supernet, `sample_k` candidates."""
+        others = [c for c in self.candidates if c != self.full]
+        return [self.reference, self.full, *self._rng.sample(others, min(self.sample_k, len(others)))]
 
     def train_step(self, batch: Batch, lr: float) -> float:
         """One AdamW step on the sandwich's summed gradients (each loss scaled by 1/members); mean loss."""

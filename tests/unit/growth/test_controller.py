@@ -2,11 +2,14 @@ import pytest
 import torch
 
 from growclip_stream.growth.config import GrowthConfig
-from growclip_stream.growth.controller import GrowthController, ScheduledPolicy
+from growclip_stream.growth.controller import GrowthChoice, GrowthController, GrowthPlan, ScheduledPolicy
+from growclip_stream.growth.pim import blend
+from growclip_stream.growth.space import candidate_set
+from growclip_stream.growth.supernet import Supernet
 from growclip_stream.growth.triggers import DataVolumeTrigger, TriggerState
 from growclip_stream.model import GrowCLIP
 from growclip_stream.train.config import TrainConfig
-from tests.helpers import random_batches, tiny_arch
+from tests.helpers import operator_arch, random_batches, random_model, randomized, tiny_arch
 
 
 def test_data_volume_trigger_scales_with_model_size() -> None:
@@ -128,3 +131,64 @@ def test_plateau_trigger_fires_through_the_controller() -> None:
     for _ in range(40, 61):
         ctrl.observe_step(model, 1.0)  # flat
     assert ctrl.due(samples=60, step=60, num_params=1) == "plateau"
+
+
+def test_growth_after_a_restore_splits_weights_as_without_it() -> None:
+    """The growth generator derives from (seed, generation): a restored controller grows identically."""
+    cfg = GrowthConfig(policy="plan", plan=("widen:image*2", "widen:text*2"), seed=5)
+    base = random_model(tiny_arch())
+    first = GrowthController(cfg, TrainConfig())
+    once = first.grow(base, trigger="t", step=1, samples=1)
+    assert once is not None
+    restored = GrowthController(cfg, TrainConfig())
+    restored.load_state_dict(first.state_dict())
+    a = first.grow(once[0], trigger="t", step=2, samples=2)
+    b = restored.grow(once[0], trigger="t", step=2, samples=2)
+    assert a is not None and b is not None and a[0].arch == b[0].arch
+    sa, sb = a[0].state_dict(), b[0].state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def blend_plan(model: GrowCLIP) -> GrowthPlan:
+    space = ("widen:image*2", "widen_mlp:text+8", "deepen:shared+1")
+    cands = candidate_set(model.arch, GrowthConfig(space=space, max_ops_per_step=3, max_flops_factor=100.0))
+    sn = Supernet(model, cands, torch.Generator().manual_seed(1), train_cfg=TrainConfig(), sample_k=1)
+    sn.train(random_batches(model.arch, 3), steps=3, lr=1e-2)
+    cand = max(cands, key=lambda c: len(c.ops))  # all three operators
+    return GrowthPlan("t", GrowthChoice(cand.ops, "test"), model.arch, supernet=sn, candidate=cand)
+
+
+@pytest.mark.parametrize("moved", [False, True])
+def test_blend_is_the_line_from_the_current_model_to_the_scored_candidate(moved: bool) -> None:
+    """m = 1 is the current function, m = 0 exactly the scored candidate, and m in between their
+    element-wise mix in the supernet's own layout (not a second, independently drawn growth)."""
+    base = random_model(operator_arch(shared_depth=1))
+    plan = blend_plan(base)
+    assert plan.supernet is not None and plan.candidate is not None
+    # with train_during_search the model has trained on since the supernet was built from it
+    model = randomized(GrowCLIP(base.arch), seed=4) if moved else base
+    ends = {}
+    for m in (0.0, 0.5, 1.0):
+        ends[m] = GrowthController(GrowthConfig(momentum=m), TrainConfig()).inherit(plan, model)
+    scored = plan.supernet.extract(plan.candidate)
+    assert all(torch.equal(v, scored.state_dict()[k]) for k, v in ends[0.0].state_dict().items())
+    images, tokens = random_batches(base.arch, 1, seed=8)[0].images, random_batches(base.arch, 1)[0].tokens
+    with torch.no_grad():
+        assert torch.allclose(
+            ends[1.0](images, tokens).image_embeds, model(images, tokens).image_embeds, atol=1e-5
+        )
+        assert torch.allclose(
+            ends[1.0](images, tokens).text_embeds, model(images, tokens).text_embeds, atol=1e-5
+        )
+    mid, lo, hi = (ends[m].state_dict() for m in (0.5, 0.0, 1.0))
+    if not moved:  # the inherited end is the supernet's own growth of the model, before training
+        constructed = plan.supernet.extract(plan.candidate, plan.supernet.initial_state).state_dict()
+        assert all(torch.equal(hi[k], constructed[k]) for k in hi)
+    for k in mid:
+        assert torch.allclose(mid[k], 0.5 * lo[k] + 0.5 * hi[k], atol=1e-6), k
+    assert states_equal_pim(ends[0.5], blend(plan.supernet, plan.candidate, 0.5, model))
+
+
+def states_equal_pim(a: GrowCLIP, b: GrowCLIP) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

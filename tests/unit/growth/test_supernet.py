@@ -56,7 +56,7 @@ def build(shared_depth: int = 1, max_ops: int = 2) -> tuple[GrowCLIP, list[Candi
 
 
 def test_union_covers_every_candidate() -> None:
-    _, cands, sn = build()
+    _, _cands, sn = build()
     assert [str(op) for op in sn.ops] == [
         "widen:image*6",  # lcm of 2 and 3
         "widen:text*2",
@@ -72,7 +72,7 @@ def test_union_covers_every_candidate() -> None:
         GrowthOp.parse("deepen:text+2"),
     )
     assert sn.model.arch.image.width == 6 * 16 and sn.reference.arch == arch()
-    assert sn.largest == max(cands, key=lambda c: c.flops)
+    assert sn.full.arch == sn.model.arch and sn.full.ops == sn.ops
 
 
 @pytest.mark.parametrize("shared_depth", [0, 1])
@@ -142,7 +142,7 @@ def test_training_moves_weights_and_keeps_extraction_consistent() -> None:
 def test_sandwich_and_train_stops_when_batches_run_out() -> None:
     old, _cands, sn = build(max_ops=1)
     members = sn.sandwich()
-    assert members[0] == sn.reference and members[1] == sn.largest and len(members) == 4
+    assert members[0] == sn.reference and members[1] == sn.full and len(members) == 4
     assert len({m.name for m in members}) == 4
     report = sn.train(iter([batch(old.arch)]), steps=5)
     assert report["steps"] == 1 and sn.steps == 1
@@ -166,3 +166,24 @@ def test_optimizer_follows_the_train_config() -> None:
     decay, no_decay = sn.optimizer.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert decay["betas"] == (0.9, 0.95)
+
+
+def test_every_supernet_weight_trains_at_every_step() -> None:
+    """The top of the sandwich is the whole supernet, so operators no candidate holds together still
+    get gradients at every step (with single-operator candidates and no random members, the largest
+    candidate alone would leave every other operator's new weights out)."""
+    old, cands, _ = build(max_ops=1)
+    sn = Supernet(old, cands, torch.Generator().manual_seed(0), train_cfg=TrainConfig(), sample_k=0)
+    for step in range(3):
+        sn.train_step(batch(old.arch), lr=1e-3)
+        untrained = [n for n, p in sn.model.named_parameters() if p.grad is None]
+        assert not untrained, (step, untrained)
+
+
+def test_grow_like_replays_the_supernets_growth() -> None:
+    old, _cands, sn = build(max_ops=1)
+    replayed = sn.grow_like(old)
+    assert replayed.keys() == sn.initial_state.keys()
+    assert all(torch.equal(replayed[k], sn.initial_state[k]) for k in replayed)
+    with pytest.raises(ValueError, match="base architecture"):
+        sn.grow_like(random_model(arch(shared_depth=0)))
