@@ -77,9 +77,10 @@ class ServeSettings(Strict):
     queue_max_items: int = Field(1024, ge=1)  # items queued per modality; past that, 429
     queue_timeout_s: float = Field(10.0, gt=0)  # a request that would wait longer gets 503
     keep_versions: int = Field(2, ge=1)  # model generations held for pinning (growclip@N), current included
-    drift_probe_size: int = Field(
-        256, ge=0
-    )  # reserved test images and captions embedded per publish; 0 = off
+    # embedding drift: this many reserved test images and captions of drift_probe_dataset are
+    # embedded by every measured version (0 = off)
+    drift_probe_size: int = Field(256, ge=0)
+    drift_probe_dataset: str = "fashion-mnist"
     drift_interval_s: float = Field(30.0, ge=0)  # between drift measurements within a generation
 
 

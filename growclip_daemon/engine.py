@@ -14,7 +14,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ import torch
 from growclip_daemon.batching import BatchLimits
 from growclip_daemon.broker import EmbeddedBroker
 from growclip_daemon.config import DaemonConfig
+from growclip_daemon.drift import DriftMonitor, load_probes
 from growclip_daemon.http import AppState, ControlRejected, HttpServer, ServeLimits, build_app
 from growclip_daemon.metrics import Metrics
 from growclip_daemon.service import Service, ServiceTree, ThreadService
@@ -158,6 +159,7 @@ class TrainingService(ThreadService):
         self._checkpoint_requests: queue.SimpleQueue[Future[str]] = queue.SimpleQueue()
         self._last_save = time.monotonic()
         self.last_checkpoint: str | None = None
+        self.on_publish: Callable[[ModelSnapshot], None] | None = None  # e.g. the drift monitor's notify
 
     def _crashed(self, err: BaseException) -> None:
         self.runtime.crash = err
@@ -181,6 +183,9 @@ class TrainingService(ThreadService):
         )
         self.store.publish(snap)
         self.metrics.set_model(snap)
+        self.metrics.serve_versions_held.set(len(self.store.held()))
+        if self.on_publish is not None:
+            self.on_publish(snap)  # a reference hand-over: drift is measured on its own thread
 
     def on_start(self) -> None:
         cfg = self.cfg
@@ -446,13 +451,25 @@ class Daemon:
         self.metrics = Metrics()
         self.store = SnapshotStore(keep_versions=cfg.serve.keep_versions)
         self.training = TrainingService(cfg, self.runtime, self.store, self.metrics)
+        limits = serve_limits(cfg)
+        probes = load_probes(cfg.serve.drift_probe_dataset, cfg.serve.drift_probe_size)
+        self.drift = (
+            DriftMonitor(
+                self.store, self.metrics, probes, limits.records, interval_s=cfg.serve.drift_interval_s
+            )
+            if probes is not None
+            else None
+        )
+        if self.drift is not None:
+            self.training.on_publish = self.drift.notify
         state = AppState(
             store=self.store,
             metrics=self.metrics,
-            limits=serve_limits(cfg),
+            limits=limits,
             controls=self.training,
             admin_token=os.environ.get(cfg.serve.admin_token_env) or None,
             status_extra=self.training.status,
+            drift_status=self.drift.status if self.drift is not None else None,
         )
         self.http = HttpService(cfg, state)
         children: list[Service] = []
@@ -460,7 +477,10 @@ class Daemon:
             children.append(
                 BrokerService(self.runtime, cfg.kafka.embedded_port, self.state_dir / "broker.log")
             )
-        children += [self.http, self.training]
+        children.append(self.http)
+        if self.drift is not None:
+            children.append(self.drift)  # started before training publishes, stopped after it
+        children.append(self.training)
         if cfg.producer.enabled:
             children.append(ProducerService(cfg, self.runtime))
         self.tree = ServiceTree(children)

@@ -708,3 +708,37 @@ def test_full_queue_answers_429_while_health_and_model_answer(make_api: Any, sna
             assert_error(r, 429, "rate_limit_exceeded", contains="queue is full")
             assert int(r.headers["retry-after"]) >= 1
             assert r.headers[MODEL_VERSION_HEADER] == "0.100"
+
+
+def test_model_status_reports_drift_in_the_growth_history(make_api: Any) -> None:
+    from growclip_daemon.drift import DriftMonitor, Probes
+
+    store = SnapshotStore(keep_versions=2)
+    api = make_api()
+    api.state.store = store
+    monitor = DriftMonitor(store, api.state.metrics, Probes.from_dataset("fashion-mnist", 32), LIMITS.records)
+    api.state.drift_status = monitor.status
+    monitor.start()
+    try:
+        torch.manual_seed(0)
+        for generation, step in ((0, 10), (1, 20)):
+            history = [{"generation": 1, "trigger": "forced"}] if generation else []
+            snap = ModelSnapshot.capture(
+                GrowCLIP(arch(text_depth=1 + generation)),
+                generation=generation,
+                step=step,
+                samples_trained=0,
+                growth_history=history,
+            )
+            store.publish(snap)
+            monitor.notify(snap)
+            assert monitor.wait_measured(snap.version, 60)
+    finally:
+        monitor.stop()
+    status = api.client.get("/v1/model").json()
+    drift = status["drift"]
+    assert drift["latest"]["version"] == "1.20" and drift["probes"] == {"images": 32, "texts": 32}
+    assert status["growth_history"][0]["drift"] == drift["by_generation"]["1"]
+    assert status["growth_history"][0]["drift"]["version"] == "0.10"
+    scrape = api.client.get("/metrics").text
+    assert 'growclip_embedding_drift_mean_cosine{against="previous",modality="image"}' in scrape
