@@ -1,4 +1,4 @@
-"""`growclip-daemon`: start, stop, status, produce."""
+"""`growclip-daemon`: start, stop, status, produce, eval."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import httpx
 import typer
 
 from growclip_daemon.config import ConfigError, DaemonConfig, load_config
+
+if TYPE_CHECKING:
+    from growclip_stream.checkpoint import Checkpoint
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Online, self-growing CLIP training and serving."
@@ -90,6 +93,82 @@ def status(
         raise typer.Exit(1)
     json.dump(resp.json(), sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[
+        str,
+        typer.Option(
+            help="A checkpoint: its step folder, or a checkpoint root (its LATEST), on any fsspec URL."
+        ),
+    ],
+    suite: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Evaluate this suite of evaluation.suites (repeatable; default: every enabled one)."
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate a stored model on the evaluation suites; prints JSON metrics.
+
+    Exit code 1 when a suite could not be evaluated (its error is in the JSON), 2 for bad arguments.
+    """
+    from growclip_stream.checkpoint import CheckpointError
+    from growclip_stream.data.records import RecordLimits
+    from growclip_stream.evaluation import decode_suite, evaluate, read_suite
+
+    cfg = _config(config, set_)
+    suites = cfg.evaluation.suites
+    unknown = [name for name in suite or () if name not in suites]
+    if unknown:
+        typer.echo(f"error: unknown suite {', '.join(unknown)}; configured: {', '.join(suites)}", err=True)
+        raise typer.Exit(2)
+    chosen = suite or [name for name, s in suites.items() if s.enabled]
+    try:
+        ckpt = _load_checkpoint(checkpoint)
+    except (CheckpointError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    model, arch = ckpt.model.eval(), ckpt.model.arch
+    generation = len(ckpt.manifest.get("growth", {}).get("history", []))
+    results: dict[str, object] = {}
+    errors: dict[str, str] = {}
+    limits = RecordLimits(max_image_pixels=cfg.data.max_image_pixels)
+    for name in chosen:
+        try:
+            data = decode_suite(read_suite(suites[name]), arch.image_size, arch.channels, limits)
+            results[name] = evaluate(model, suites[name], data, cfg.evaluation.batch_size).to_dict()
+        except Exception as err:  # one suite's missing data must not hide the others' results
+            errors[name] = f"{type(err).__name__}: {err}"
+    answer = {
+        "checkpoint": ckpt.path,
+        "model": f"growclip@{generation}.{ckpt.step}",
+        "step": ckpt.step,
+        "generation": generation,
+        "suites": results,
+    }
+    if errors:
+        answer["errors"] = errors
+    typer.echo(json.dumps(answer, indent=2))
+    if errors:
+        raise typer.Exit(1)
+
+
+def _load_checkpoint(url: str) -> Checkpoint:
+    """A checkpoint step folder (it holds manifest.json), or the newest one under a root."""
+    import fsspec
+
+    from growclip_stream.checkpoint import Checkpointer
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(f"{path.rstrip('/')}/manifest.json"):
+        return Checkpointer(url).load(path.rstrip("/"))
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {url}")
+    return Checkpointer(url).load()
 
 
 @app.command()

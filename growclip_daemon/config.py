@@ -6,12 +6,14 @@ keys are rejected and every error names the offending field.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from growclip_stream.evaluation import DEFAULT_SUITES, SuiteConfig
 from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.model import ArchConfig, TowerConfig
 from growclip_stream.train.config import TrainConfig
@@ -100,6 +102,30 @@ class CheckpointSettings(Strict):
     every_s: float = Field(0, ge=0)  # also save this often while running; 0 = only on request and at stop
 
 
+SUITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+"""Suite names: they become metric label values, JSON keys and `--set` path parts (no dots)."""
+
+
+class EvaluationSettings(Strict):
+    """Evaluation of the published model in its own thread (zero-shot top-1, retrieval recall@k)."""
+
+    enabled: bool = True
+    every_steps: int = Field(200, ge=1)  # at most this often (trainer steps); also after every growth
+    torch_threads: int = Field(1, ge=1)  # intra-op threads of the evaluator's thread only
+    batch_size: int = Field(256, ge=1)  # images or texts per forward pass
+    # suite name -> suite; merged key by key with the defaults (fashion-mnist, tuxpaint, emoji), so a
+    # config adds a suite by naming it and turns a default off with `enabled: false`
+    suites: dict[str, SuiteConfig] = Field(default_factory=lambda: dict(DEFAULT_SUITES))
+
+    @field_validator("suites")
+    @classmethod
+    def _names(cls, suites: dict[str, SuiteConfig]) -> dict[str, SuiteConfig]:
+        bad = [name for name in suites if not SUITE_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"suite names must match {SUITE_NAME.pattern}: {', '.join(map(repr, bad))}")
+        return suites
+
+
 def _default_arch() -> ArchConfig:
     return ArchConfig(
         image=TowerConfig(width=32, depth=1, mlp_hidden=64),
@@ -120,6 +146,7 @@ class DaemonConfig(Strict):
     serve: ServeSettings = ServeSettings()
     producer: ProducerSettings = ProducerSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
     pidfile: Path = Path(".state/growclip-daemon.pid")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"

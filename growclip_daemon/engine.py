@@ -1,8 +1,9 @@
 """The daemon: builds every component from the config and runs them as one service tree.
 
 Start order: embedded broker (optional) -> HTTP server (bound early, /healthz answers during the
-slow start) -> training engine -> demo producer (optional). Stop is the reverse: the producer
-stops, the engine finishes its step, the server closes, the broker child is stopped last.
+slow start) -> drift monitor and evaluator (optional) -> training engine -> demo producer
+(optional). Stop is the reverse: the producer stops, the engine finishes its step, the evaluator
+ends between suites, the server closes, the broker child is stopped last.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from growclip_daemon.batching import BatchLimits
 from growclip_daemon.broker import EmbeddedBroker
 from growclip_daemon.config import DaemonConfig
 from growclip_daemon.drift import DriftMonitor, load_probes
+from growclip_daemon.evaluator import EvaluatorService
 from growclip_daemon.http import AppState, ControlRejected, HttpServer, ServeLimits, build_app
 from growclip_daemon.metrics import Metrics
 from growclip_daemon.service import Service, ServiceTree, ThreadService
@@ -159,7 +161,8 @@ class TrainingService(ThreadService):
         self._checkpoint_requests: queue.SimpleQueue[Future[str]] = queue.SimpleQueue()
         self._last_save = time.monotonic()
         self.last_checkpoint: str | None = None
-        self.on_publish: Callable[[ModelSnapshot], None] | None = None  # e.g. the drift monitor's notify
+        # told after every publish, in the training thread: each only hands the reference over
+        self.publish_listeners: list[Callable[[ModelSnapshot], None]] = []
 
     def _crashed(self, err: BaseException) -> None:
         self.runtime.crash = err
@@ -184,8 +187,8 @@ class TrainingService(ThreadService):
         self.store.publish(snap)
         self.metrics.set_model(snap)
         self.metrics.serve_versions_held.set(len(self.store.held()))
-        if self.on_publish is not None:
-            self.on_publish(snap)  # a reference hand-over: drift is measured on its own thread
+        for listener in self.publish_listeners:
+            listener(snap)  # a reference hand-over: drift and evaluation run on their own threads
 
     def on_start(self) -> None:
         cfg = self.cfg
@@ -461,14 +464,24 @@ class Daemon:
             else None
         )
         if self.drift is not None:
-            self.training.on_publish = self.drift.notify
+            self.training.publish_listeners.append(self.drift.notify)
+        self.evaluator: EvaluatorService | None = None
+        if cfg.evaluation.enabled:
+            self.evaluator = EvaluatorService(
+                cfg.evaluation,
+                self.store,
+                self.metrics,
+                geometry=(cfg.model.image_size, cfg.model.channels),
+                limits=limits.records,
+            )
+            self.training.publish_listeners.append(self.evaluator.notify)
         state = AppState(
             store=self.store,
             metrics=self.metrics,
             limits=limits,
             controls=self.training,
             admin_token=os.environ.get(cfg.serve.admin_token_env) or None,
-            status_extra=self.training.status,
+            status_extra=self.status,
             drift_status=self.drift.status if self.drift is not None else None,
         )
         self.http = HttpService(cfg, state)
@@ -480,10 +493,19 @@ class Daemon:
         children.append(self.http)
         if self.drift is not None:
             children.append(self.drift)  # started before training publishes, stopped after it
+        if self.evaluator is not None:
+            children.append(self.evaluator)  # likewise
         children.append(self.training)
         if cfg.producer.enabled:
             children.append(ProducerService(cfg, self.runtime))
         self.tree = ServiceTree(children)
+
+    def status(self) -> dict[str, Any]:
+        """What GET /v1/model adds to the snapshot's own description: training, source, evaluation."""
+        evaluation = (
+            self.evaluator.status() if self.evaluator is not None else {"evaluation": {"state": "disabled"}}
+        )
+        return {**self.training.status(), **evaluation}
 
     @property
     def state_dir(self) -> Path:

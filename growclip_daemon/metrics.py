@@ -31,6 +31,7 @@ from prometheus_client import (
 from growclip_stream.growth.controller import PHASES
 
 if TYPE_CHECKING:
+    from growclip_stream.evaluation import SuiteResult
     from growclip_stream.serving import ModelSnapshot
 
 NAMESPACE = "growclip"
@@ -119,14 +120,14 @@ class Metrics:
         # --- evaluation -------------------------------------------------------------------------
         self.eval_zeroshot_top1 = Gauge(
             "eval_zeroshot_top1_ratio",
-            "Zero-shot classification top-1 accuracy of the current model, per evaluation suite.",
+            "Zero-shot top-1 accuracy of the last evaluated published model, per evaluation suite.",
             ["suite"],
             namespace=ns,
             registry=r,
         )
         self.eval_recall = Gauge(
             "eval_retrieval_recall_ratio",
-            "Retrieval recall@k of the current model, per suite and direction.",
+            "Retrieval recall@k of the last evaluated published model, per suite and direction.",
             ["suite", "direction", "k"],
             namespace=ns,
             registry=r,
@@ -367,3 +368,11 @@ class Metrics:
         for tower, count in snap.parameters_by_tower().items():
             self.model_parameters.labels(tower=tower).set(count)
         self.model_flops.set(snap.arch.flops_per_sample())
+
+    def set_evaluation(self, suite: str, result: SuiteResult) -> None:
+        """Export one suite's latest evaluation: top-1 (zeroshot) or recall@k per direction (retrieval)."""
+        if result.top1 is not None:
+            self.eval_zeroshot_top1.labels(suite=suite).set(result.top1)
+        for direction, by_k in result.recall.items():
+            for k, value in by_k.items():
+                self.eval_recall.labels(suite=suite, direction=direction, k=str(k)).set(value)

@@ -173,6 +173,39 @@ def load_labelled(name: str, split: str) -> tuple[list[bytes], list[int], tuple[
     return images, [int(x) for x in data.labels], data.classes
 
 
+@dataclass(frozen=True)
+class Items:
+    """Items of a split for evaluation: encoded images with their caption and class label."""
+
+    images: list[bytes]
+    captions: list[str]
+    labels: list[int] | None  # None for a dataset without classes
+    classes: tuple[str, ...]
+
+
+def load_items(name: str, split: Split = "test", limit: int | None = None, seed: int = 0) -> Items:
+    """``limit`` items of a split (all when None), evenly spread over its file order so that a
+    split stored class by class still yields every class; captions are drawn as the producer
+    draws them (seeded)."""
+    data = _load(name, split)
+    rng = random.Random(f"{name}:{split}:{seed}")
+    chosen = evenly_spaced(data.size, limit)
+    return Items(
+        images=[data.encoded_image(i) for i in chosen],
+        captions=[data.caption(i, rng) for i in chosen],
+        labels=None if data.labels is None else [int(data.labels[i]) for i in chosen],
+        classes=data.classes,
+    )
+
+
+def evenly_spaced(size: int, limit: int | None) -> list[int]:
+    """``limit`` indices of ``range(size)`` spread evenly from the first (all of them when
+    ``limit`` is None or at least ``size``)."""
+    if limit is None or limit >= size:
+        return list(range(size))
+    return [i * size // limit for i in range(limit)]
+
+
 # ---------------------------------------------------------------------------------------------
 # loaders: one function per dataset
 
@@ -512,8 +545,16 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 def class_caption(class_name: str, rng: random.Random) -> str:
     template = rng.choice(CLASS_CAPTION_TEMPLATES)
-    return template.format(a=f"{_article(class_name)} {class_name}", c=class_name)
+    return fill_template(template, class_name)
 
 
-def _article(word: str) -> str:
-    return "an" if word[:1] in "aeiou" else "a"
+def fill_template(template: str, class_name: str) -> str:
+    """A caption template filled with a class name: ``{a}`` is the name with its indefinite
+    article, ``{c}`` the bare name. The training captions and the evaluation prompts both come
+    from here, so a model is never evaluated on wording it was not trained on ("a ankle boot")."""
+    return template.format(a=with_article(class_name), c=class_name)
+
+
+def with_article(name: str) -> str:
+    """``"ankle boot"`` -> ``"an ankle boot"``, ``"bag"`` -> ``"a bag"`` (by the first letter)."""
+    return f"{'an' if name[:1].lower() in tuple('aeiou') else 'a'} {name}"

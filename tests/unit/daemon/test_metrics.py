@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from growclip_daemon.metrics import GROWTH_PHASES, Metrics
+from growclip_stream.evaluation import SuiteResult
 from growclip_stream.model.clip import ArchConfig, GrowCLIP, TowerConfig
 from growclip_stream.serving import ModelSnapshot
 
@@ -137,8 +138,7 @@ def test_names_follow_prometheus_conventions() -> None:
     m.kafka_lag.labels(topic="pairs", partition="0").set(3)
     m.http_requests.labels(route="/v1/embeddings", method="POST", code="200").inc()
     m.http_latency.labels(route="/v1/embeddings").observe(0.01)
-    m.eval_zeroshot_top1.labels(suite="fashion_mnist").set(0.4)
-    m.eval_recall.labels(suite="tuxpaint", direction="image_to_text", k="5").set(0.2)
+    fill_evaluation(m)
     assert lint(exposition(m)) == []
 
 
@@ -160,10 +160,36 @@ def test_the_linter_catches_bad_names() -> None:
     assert any("non-counter ending in _total" in p for p in problems)
 
 
+def fill_evaluation(m: Metrics) -> None:
+    """The evaluation series as the evaluator sets them."""
+    m.set_evaluation("fashion-mnist", SuiteResult("zeroshot", 1000, 10, 0, 0.5, top1=0.4))
+    recall = {d: {1: 0.1, 5: 0.3, 10: 0.5} for d in ("image_to_text", "text_to_image")}
+    m.set_evaluation("tuxpaint", SuiteResult("retrieval", 76, 74, 0, 0.2, recall=recall))
+
+
+def test_set_evaluation_exports_every_suite_direction_and_k() -> None:
+    m = Metrics()
+    fill_evaluation(m)
+    r = m.registry
+    assert r.get_sample_value("growclip_eval_zeroshot_top1_ratio", {"suite": "fashion-mnist"}) == 0.4
+    assert r.get_sample_value("growclip_eval_zeroshot_top1_ratio", {"suite": "tuxpaint"}) is None
+    families = {f.name: f for f in text_string_to_metric_families(exposition(m))}
+    recall = {
+        (s.labels["suite"], s.labels["direction"], s.labels["k"]): s.value
+        for s in families["growclip_eval_retrieval_recall_ratio"].samples
+    }
+    assert recall == {
+        ("tuxpaint", d, k): v
+        for d in ("image_to_text", "text_to_image")
+        for k, v in (("1", 0.1), ("5", 0.3), ("10", 0.5))
+    }
+
+
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed here")
 def test_promtool_check_metrics_is_clean() -> None:
     m = Metrics()
     m.http_requests.labels(route="/healthz", method="GET", code="200").inc()
+    fill_evaluation(m)
     result = subprocess.run(
         ["promtool", "check", "metrics"], input=exposition(m), capture_output=True, text=True, check=False
     )
