@@ -15,6 +15,8 @@ training at most; the limit is per thread, the rest of the process keeps its own
 The latest result of every suite, with the model version it was computed on, goes to the metrics
 (``growclip_eval_zeroshot_top1_ratio``, ``growclip_eval_retrieval_recall_ratio``), to
 ``GET /v1/model`` under ``evaluation`` (so ``growclip-daemon status`` shows it) and to the log.
+The first evaluation of every generation, the one right after its growth, is also kept
+(``evaluation.by_generation``) and shown with that growth in ``growth_history``.
 A suite whose data cannot be read, or whose evaluation fails, is logged and shown under
 ``evaluation.errors``; the others and the daemon carry on.
 """
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 
 POLL_S = 5.0
 """The evaluator also looks at the store this often, in case a publish was not announced."""
+
+MAX_GENERATIONS = 100
+"""Generations whose first evaluation (right after their growth) is kept for the growth history."""
 
 
 class EvaluatorService(ThreadService):
@@ -70,6 +75,7 @@ class EvaluatorService(ThreadService):
         self._decoded: dict[tuple[str, int, int], EvalSet] = {}
         self._results: dict[str, dict[str, Any]] = {}
         self._errors: dict[str, str] = {}
+        self._by_generation: dict[int, dict[str, dict[str, Any]]] = {}  # first results of each generation
         self._last: tuple[int, int] | None = None  # (generation, step) of the last evaluated snapshot
         self.rounds = 0  # completed evaluations of a snapshot (all suites)
         self.threads: int | None = None  # torch's intra-op threads in the evaluator's thread
@@ -159,6 +165,11 @@ class EvaluatorService(ThreadService):
         with self._lock:
             self.rounds += 1
             self._state = "idle"
+            first = {n: e for n, e in self._results.items() if e["model_version"] == snap.version}
+            if first and snap.generation not in self._by_generation:
+                self._by_generation[snap.generation] = first  # right after its growth
+                while len(self._by_generation) > MAX_GENERATIONS:
+                    del self._by_generation[min(self._by_generation)]
 
     def _fail(self, name: str, stage: str, err: Exception) -> None:
         message = f"{stage}: {type(err).__name__}: {err}"
@@ -185,5 +196,6 @@ class EvaluatorService(ThreadService):
                     "rounds": self.rounds,
                     "suites": {name: dict(entry) for name, entry in self._results.items()},
                     "errors": dict(self._errors),
+                    "by_generation": {str(g): dict(r) for g, r in self._by_generation.items()},
                 }
             }

@@ -470,6 +470,7 @@ def build_app(state: AppState) -> FastAPI:
                 log.exception("drift_status failed")
                 answer["drift"] = {"error": f"{type(e).__name__}: {e}"}
             _merge_drift_into_history(answer)
+        _merge_evaluation_into_history(answer)
         return _json(answer, headers=model_headers(snap))
 
     # --- admin --------------------------------------------------------------------------------
@@ -545,6 +546,16 @@ def _merge_drift_into_history(answer: dict[str, Any]) -> None:
             found = by_generation.get(str(event.get("generation")))
             if found is not None:
                 event["drift"] = found
+
+
+def _merge_evaluation_into_history(answer: dict[str, Any]) -> None:
+    """Each growth event in ``growth_history`` gets the first evaluation of the generation it
+    produced (``evaluation.by_generation``, from the evaluator in ``status_extra``)."""
+    evaluation = answer.get("evaluation")
+    by_generation = evaluation.get("by_generation", {}) if isinstance(evaluation, dict) else {}
+    for event in answer.get("growth_history") or []:
+        if isinstance(event, dict) and (found := by_generation.get(str(event.get("generation")))):
+            event["evaluation"] = found
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,22 +113,30 @@ def test_every_n_steps_and_after_every_growth(model: GrowCLIP, store: SnapshotSt
         store.publish(snapshot(model, generation, step))
         service.notify()
 
-    def evaluated(version: str) -> bool:
-        return service.latest().get("fashion-mnist", {}).get("model_version") == version
+    def evaluated(version: str, rounds: int) -> bool:
+        """The round that evaluated ``version`` is complete, and it was round ``rounds`` or later."""
+        done = service.rounds >= rounds  # read first: a round's results are in before it counts
+        return done and service.latest()["fashion-mnist"]["model_version"] == version
 
     try:
         publish(0, 10)
-        wait_for(lambda: evaluated("0.10"), "the first snapshot's evaluation")
+        wait_for(lambda: evaluated("0.10", 1), "the first snapshot's evaluation")
         publish(0, 30)  # 20 steps on: not due
         publish(1, 35)  # a growth: due at once
-        wait_for(lambda: evaluated("1.35"), "the grown model's evaluation")
+        wait_for(lambda: evaluated("1.35", 2), "the grown model's evaluation")
         assert service.rounds == 2
         publish(1, 60)  # 25 steps after the last evaluated: not due
         publish(1, 90)  # 55 steps after: due
-        wait_for(lambda: evaluated("1.90"), "the evaluation 50 steps on")
+        wait_for(lambda: evaluated("1.90", 3), "the evaluation 50 steps on")
         assert service.rounds == 3  # 0.30 and 1.60 were never evaluated
+        by_generation = service.status()["evaluation"]["by_generation"]
     finally:
         service.stop()
+    # each generation's first evaluation, the one right after its growth, is kept
+    assert {g: r["fashion-mnist"]["model_version"] for g, r in by_generation.items()} == {
+        "0": "0.10",
+        "1": "1.35",
+    }
 
 
 def test_a_suite_without_data_is_reported_and_the_others_evaluated(
@@ -177,20 +185,27 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 def test_a_training_publish_reaches_the_evaluator_and_v1_model(daemon: Daemon) -> None:
     model = random_model(daemon.cfg.model, seed=2)
-    daemon.training.publish(model, generation=0, step=7, samples_trained=700, growth_history=[])
+    growth = [{"generation": 1, "trigger": "forced"}]
+    daemon.training.publish(model, generation=1, step=7, samples_trained=700, growth_history=growth)
     with httpx.Client(base_url=f"http://127.0.0.1:{daemon.http.server.port}", timeout=30) as client:
 
         def evaluated() -> dict[str, Any] | None:
             answer = client.get("/v1/model").json()
-            return answer if answer["evaluation"]["suites"].keys() == {"fashion-mnist", "tuxpaint"} else None
+            done = answer["evaluation"]["rounds"] >= 1  # the whole round, growth history included
+            return answer if done else None
 
         answer = wait_for(evaluated, "/v1/model to show the evaluation")
         metrics = client.get("/metrics").text
     suites = answer["evaluation"]["suites"]
-    assert {s["model_version"] for s in suites.values()} == {"0.7"} == {answer["version"]}
+    assert suites.keys() == {"fashion-mnist", "tuxpaint"}
+    assert {s["model_version"] for s in suites.values()} == {"1.7"} == {answer["version"]}
     assert suites["fashion-mnist"]["task"] == "zeroshot" and 0 <= suites["fashion-mnist"]["top1"] <= 1
     assert set(suites["tuxpaint"]["recall"]) == {"image_to_text", "text_to_image"}
     assert answer["evaluation"]["errors"] == {} and answer["training"] == {"state": "starting"}
+    # the growth that made generation 1 shows the evaluation right after it
+    assert (
+        answer["growth_history"][0]["evaluation"]["fashion-mnist"]["top1"] == suites["fashion-mnist"]["top1"]
+    )
     assert 'growclip_eval_zeroshot_top1_ratio{suite="fashion-mnist"}' in metrics
     assert (
         'growclip_eval_retrieval_recall_ratio{direction="text_to_image",k="10",suite="tuxpaint"}' in metrics
