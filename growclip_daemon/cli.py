@@ -1,4 +1,4 @@
-"""`growclip-daemon`: start, stop, status, produce, eval."""
+"""`growclip-daemon`: start, stop, status, produce, eval, export."""
 
 from __future__ import annotations
 
@@ -284,6 +284,36 @@ def _produce_shards(
     )
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[
+        str,
+        typer.Option(
+            help="Checkpoint root (its newest checkpoint) or one checkpoint folder; any fsspec URL."
+        ),
+    ],
+    format: Annotated[str, typer.Option("--format", help="safetensors, onnx or open_clip.")],
+    out: Annotated[
+        Path, typer.Option(help="Where to write: a .safetensors file, or a folder (onnx, open_clip).")
+    ],
+) -> None:
+    """Export a checkpoint for other tools; prints JSON: format, step, the files written.
+
+    safetensors reloads with growclip_stream.export.load_exported; onnx writes the image and text
+    encoders (dynamic batch); open_clip writes what OpenCLIP's create_model("local-dir:OUT") loads,
+    and refuses, with the reason, architectures OpenCLIP cannot express.
+    """
+    from growclip_stream.checkpoint import CheckpointError
+    from growclip_stream.export import ExportError, export_checkpoint
+
+    try:
+        summary = export_checkpoint(checkpoint, format, out)
+    except (ExportError, CheckpointError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(summary))
 
 
 if __name__ == "__main__":
