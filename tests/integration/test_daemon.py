@@ -83,6 +83,23 @@ def test_daemon_trains_grows_serves_and_stops_cleanly(tmp_path: Path) -> None:
         metrics = client.get("/metrics").text
         assert "growclip_train_samples_total" in metrics and "growclip_growth_events_total" in metrics
 
+        # the evaluator evaluated a grown model, off the training thread: /v1/model and the metrics
+        evaluation = daemon.wait_for(
+            lambda: (
+                (m := daemon.get("/v1/model"))
+                and any(g != "0" for g in m["evaluation"]["by_generation"])
+                and m["evaluation"]
+            ),
+            120,
+            "an evaluation of a grown model",
+        )
+        assert set(evaluation["suites"]) == {"fashion-mnist", "tuxpaint", "emoji"}, evaluation["errors"]
+        metrics = client.get("/metrics").text
+        assert 'growclip_eval_zeroshot_top1_ratio{suite="fashion-mnist"}' in metrics
+        assert (
+            'growclip_eval_retrieval_recall_ratio{direction="image_to_text",k="10",suite="emoji"}' in metrics
+        )
+
         kids = descendant_pids(daemon.proc.pid)
         assert kids, "the embedded broker should run as a child process"
     finally:
