@@ -42,6 +42,9 @@ GROWTH_PHASES = PHASES
 GROWTH_TRIGGERS = ("plateau", "data_volume", "forced")
 """Known growth triggers, pre-created at zero so that ``rate()`` works from the first event."""
 
+GROWTH_FAILURE_OUTCOMES = ("failed", "rolled_back")
+"""Label values of ``growclip_growth_failures_total``, pre-created at zero."""
+
 TOWERS = ("image", "text", "shared", "total")
 """Label values of ``growclip_model_parameters``."""
 
@@ -185,6 +188,16 @@ class Metrics:
             registry=r,
             states=list(GROWTH_PHASES),
         )
+        self.growth_failures = Counter(
+            "growth_failures",
+            "Growths that did not complete: failed (an error; the served model is unchanged) or "
+            "rolled_back (a grown model was withdrawn and the previous one restored).",
+            ["outcome"],
+            namespace=ns,
+            registry=r,
+        )
+        for outcome in GROWTH_FAILURE_OUTCOMES:
+            self.growth_failures.labels(outcome=outcome)
         self.growth_last_duration = Gauge(
             "growth_last_duration_seconds",
             "Wall time of the last completed growth (selection, supernet, inheriting).",

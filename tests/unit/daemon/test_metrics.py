@@ -35,6 +35,7 @@ EXPECTED_FAMILIES = {
     "growclip_model_flops_per_sample": "gauge",
     "growclip_growth_events_total": "counter",
     "growclip_growth_phase": "gauge",
+    "growclip_growth_failures_total": "counter",
     "growclip_growth_last_duration_seconds": "gauge",
     "growclip_ingest_records_total": "counter",
     "growclip_ingest_decode_worker_deaths_total": "counter",
