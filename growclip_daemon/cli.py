@@ -78,21 +78,45 @@ def stop(
     raise typer.Exit(1)
 
 
+def serve_url(cfg: DaemonConfig) -> str:
+    """The base URL of the HTTP API a daemon started with ``cfg`` listens on."""
+    host = cfg.serve.host
+    if host in ("0.0.0.0", "", "::"):  # listening everywhere: ask it on loopback
+        host = "127.0.0.1" if host != "::" else "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{cfg.serve.port}"
+
+
 @app.command()
 def status(
-    url: Annotated[str, typer.Option(help="Base URL of the daemon's HTTP API.")] = "http://127.0.0.1:8080",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            help="Base URL of the daemon's HTTP API (default: serve.host and serve.port of the config)."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print GET /v1/model as JSON.")] = False,
 ) -> None:
-    """Print the daemon's state as JSON: model, growth history, training, source positions and lag."""
+    """Print the daemon's state: model, training, source lag, growth history, serving, drift, evaluation."""
+    from growclip_daemon.status_text import render_status
+
+    base = url or serve_url(_config(config, set_))
     try:
-        resp = httpx.get(f"{url.rstrip('/')}/v1/model", timeout=10)
+        resp = httpx.get(f"{base.rstrip('/')}/v1/model", timeout=10)
     except httpx.HTTPError as err:
-        typer.echo(f"error: cannot reach {url}: {err}", err=True)
+        typer.echo(f"error: cannot reach {base}: {err}", err=True)
         raise typer.Exit(1) from None
     if resp.status_code != 200:
-        typer.echo(f"error: {url} answered {resp.status_code}: {resp.text}", err=True)
+        typer.echo(f"error: {base} answered {resp.status_code}: {resp.text}", err=True)
         raise typer.Exit(1)
-    json.dump(resp.json(), sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    if as_json:
+        json.dump(resp.json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        typer.echo(render_status(resp.json()))
 
 
 @app.command("eval")

@@ -742,3 +742,48 @@ def test_model_status_reports_drift_in_the_growth_history(make_api: Any) -> None
     assert status["growth_history"][0]["drift"]["version"] == "0.10"
     scrape = api.client.get("/metrics").text
     assert 'growclip_embedding_drift_mean_cosine{against="previous",modality="image"}' in scrape
+
+
+# --- growclip-daemon status --------------------------------------------------------------------
+
+
+def test_status_cli_asks_the_configured_address_and_prints_a_summary(
+    make_api: Any, snap0: ModelSnapshot, tmp_path: Any
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from growclip_daemon.cli import app as cli_app
+
+    history = [
+        {"generation": 1, "step": 90, "ops": ["deepen:text+1"], "trigger": "forced", "params_before": 1000,
+         "params_after": 2000, "duration_s": 1.5, "drift": {"image": {"mean_cosine": 0.97}}},
+    ]  # fmt: skip
+    snap = ModelSnapshot.capture(
+        GrowCLIP(arch(text_depth=2)), generation=1, step=100, samples_trained=3200, growth_history=history
+    )
+    api = make_api(status_extra=lambda: {"training": {"state": "running", "samples_trained": 3200}})
+    api.state.store.publish(snap)
+    config = tmp_path / "daemon.yaml"
+    config.write_text(f"serve:\n  host: 127.0.0.1\n  port: {api.server.port}\n")
+    runner = CliRunner()
+    cli = ["status", "--config", str(config)]
+
+    human = runner.invoke(cli_app, cli)
+    assert human.exit_code == 0, human.output
+    lines = human.stdout.splitlines()
+    assert lines[0].startswith("growclip@1.100  generation 1, step 100")
+    assert any(line.startswith("training   running, 3,200 samples") for line in lines)
+    assert any(
+        "gen 1 at step 90: deepen:text+1 (forced)" in line and "image cos 0.97" in line for line in lines
+    )
+    assert any(line.startswith("serving    versions held growclip@1.100") for line in lines)
+
+    raw = runner.invoke(cli_app, [*cli, "--json"])
+    assert raw.exit_code == 0 and json.loads(raw.stdout)["model"] == "growclip@1.100"
+
+    other = tmp_path / "other.yaml"
+    other.write_text("serve:\n  port: 1\n")  # nothing listens there: a clear error, exit 1
+    down = runner.invoke(cli_app, [*cli[:-1], str(other)])
+    assert down.exit_code == 1 and "cannot reach http://127.0.0.1:1" in down.stderr
