@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from growclip_stream.data.kafka_security import check_security, client_options
 from growclip_stream.evaluation import DEFAULT_SUITES, SuiteConfig
 from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.model import ArchConfig, TowerConfig
@@ -34,6 +35,20 @@ class KafkaSettings(Strict):
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(1000, ge=100)
     max_poll_records: int = Field(500, ge=1)
+    # TLS/SASL for an external cluster, passed to every Kafka client (consumer, producers, admin):
+    # kafka-python's own keys (security_protocol, sasl_mechanism, sasl_plain_username, ssl_cafile,
+    # ...); secrets only by environment variable name (sasl_plain_password_env, ssl_password_env)
+    security: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("security")
+    @classmethod
+    def _known_security_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_security(value)
+        return value
+
+    def client_security(self) -> dict[str, Any]:
+        """kafka-python keyword arguments, secrets read from the environment (raises if one is unset)."""
+        return client_options(self.security)
 
 
 class ShardSettings(Strict):
@@ -157,6 +172,8 @@ class DaemonConfig(Strict):
             raise ValueError("source is 'shards' but shards.url is not set")
         if self.source == "shards" and self.producer.enabled:
             raise ValueError("producer.enabled streams into Kafka; it does not apply with source 'shards'")
+        if self.kafka.embedded and self.kafka.security:
+            raise ValueError("kafka.security is for an external cluster; the embedded broker is plaintext")
         if self.kafka.heartbeat_interval_ms * 3 > self.kafka.session_timeout_ms:
             raise ValueError(
                 "kafka.heartbeat_interval_ms must be at most a third of kafka.session_timeout_ms"

@@ -133,6 +133,7 @@ class ProducerService(ThreadService):
             rate=p.rate,
             limit=p.limit,
             stop=stop,
+            security=self.cfg.kafka.client_security(),
         )
         log.info("producer finished", extra={"records": sent, "dataset": p.dataset})
 
@@ -244,7 +245,13 @@ class TrainingService(ThreadService):
             dlq_url = shards.dead_letter or dead_letter_url(url)
             return source, ShardDeadLetter(dlq_url, storage_options=shards.storage_options)
         topic = cfg.kafka.topic
-        ensure_topics(self.runtime.bootstrap, [topic, f"{topic}.dlq"], partitions=cfg.kafka.partitions)
+        security = cfg.kafka.client_security()
+        ensure_topics(
+            self.runtime.bootstrap,
+            [topic, f"{topic}.dlq"],
+            partitions=cfg.kafka.partitions,
+            security=security,
+        )
         kafka = KafkaSource(
             KafkaSourceConfig(
                 bootstrap=self.runtime.bootstrap,
@@ -253,9 +260,10 @@ class TrainingService(ThreadService):
                 session_timeout_ms=cfg.kafka.session_timeout_ms,
                 heartbeat_interval_ms=cfg.kafka.heartbeat_interval_ms,
                 max_poll_records=cfg.kafka.max_poll_records,
+                security=security,
             )
         )
-        return kafka, KafkaDeadLetter(self.runtime.bootstrap, topic)
+        return kafka, KafkaDeadLetter(self.runtime.bootstrap, topic, security=security)
 
     def _resume(self, ckpt: Checkpoint) -> None:
         """Continue where the checkpoint left off: counters, optimizer, growth history, source positions."""

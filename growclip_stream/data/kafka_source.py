@@ -101,6 +101,8 @@ class KafkaSourceConfig:
     # The broker answers and holds records past our position on an assigned, unpaused partition,
     # yet none arrived for this long: the client is stuck, so it is rebuilt.
     stall_timeout_s: float = 15.0
+    # kafka-python's TLS/SASL keyword arguments for a secured cluster (kafka_security.client_options)
+    security: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.auto_offset_reset not in ("earliest", "latest"):
@@ -173,6 +175,7 @@ class KafkaSource:
             bootstrap_timeout_ms=bootstrap_timeout_ms,
             # large enough for any record the broker accepted, so an oversized one cannot stall a partition
             max_partition_fetch_bytes=MAX_REQUEST_BYTES,
+            **cfg.security,
         )
         try:
             if cfg.partitions is None:
@@ -655,11 +658,18 @@ class KafkaDeadLetter:
     durable, so that the dead letter holds every record the checkpoint's positions skip.
     """
 
-    def __init__(self, bootstrap: str, topic: str, *, max_block_ms: int = 1000) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        *,
+        max_block_ms: int = 1000,
+        security: Mapping[str, Any] | None = None,
+    ) -> None:
         self.topic = topic + DLQ_SUFFIX
-        ensure_topics(bootstrap, [self.topic])
+        ensure_topics(bootstrap, [self.topic], security=security)
         self._producer = ReliableProducer(
-            bootstrap, client_id="growclip-dead-letter", max_block_ms=max_block_ms
+            bootstrap, client_id="growclip-dead-letter", max_block_ms=max_block_ms, security=security
         )
 
     def send(self, msg: Message, reason: str, detail: str) -> None:

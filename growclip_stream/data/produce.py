@@ -15,7 +15,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -56,6 +56,7 @@ def make_producer(
     max_block_ms: int = 60_000,
     reconnect_backoff_max_ms: int = 5_000,
     bootstrap_timeout_ms: int = 30_000,
+    security: Mapping[str, Any] | None = None,
 ) -> KafkaProducer:
     """A producer for image records: ~1 MB batches, 5 ms linger, acks from all replicas.
 
@@ -63,7 +64,8 @@ def make_producer(
     idempotent producer stays broken until recreated; :class:`ReliableProducer` does that.
     ``max_block_ms`` bounds how long ``send`` may block (metadata unknown, buffer full);
     ``reconnect_backoff_max_ms`` caps the client's reconnect backoff (its default, 30 s, would add
-    up to 30 s to the recovery after an outage).
+    up to 30 s to the recovery after an outage). ``security``: kafka-python's TLS/SASL keyword
+    arguments (:func:`growclip_stream.data.kafka_security.client_options`).
     """
     return KafkaProducer(
         bootstrap_servers=bootstrap,
@@ -75,10 +77,13 @@ def make_producer(
         max_block_ms=max_block_ms,
         reconnect_backoff_max_ms=reconnect_backoff_max_ms,
         bootstrap_timeout_ms=bootstrap_timeout_ms,
+        **(security or {}),
     )
 
 
-def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int = 1) -> None:
+def ensure_topics(
+    bootstrap: str, topics: Sequence[str], partitions: int = 1, security: Mapping[str, Any] | None = None
+) -> None:
     """Creates the topics that do not exist yet, and waits until all are usable. Idempotent.
 
     Topics are pre-created rather than left to the broker's auto-create, which can reuse offsets
@@ -89,7 +94,9 @@ def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int = 1) ->
     names = list(dict.fromkeys(topics))
     if not names:
         return
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=_ADMIN_TIMEOUT_MS)
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=_ADMIN_TIMEOUT_MS, **(security or {})
+    )
     try:
         result = admin.create_topics(
             {name: {"num_partitions": partitions, "replication_factor": 1} for name in names},
@@ -216,8 +223,10 @@ class ReliableProducer:
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 5.0,
         keep_rejected: int = 100,
+        security: Mapping[str, Any] | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        self.security = dict(security or {})
         self.client_id = client_id
         self.max_block_ms = max_block_ms
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
@@ -412,6 +421,7 @@ class ReliableProducer:
             max_block_ms=self.max_block_ms,
             reconnect_backoff_max_ms=int(self._backoff.max_s * 1000),
             bootstrap_timeout_ms=min(30_000, max(1000, self.max_block_ms)),
+            security=self.security,
         )
 
     def __enter__(self) -> ReliableProducer:
@@ -444,6 +454,7 @@ def produce(
     rate: float | None = None,
     limit: int | None = None,
     stop: threading.Event | None = None,
+    security: Mapping[str, Any] | None = None,
 ) -> int:
     """Publishes records to ``topic``; returns how many were sent (all of them acknowledged).
 
@@ -466,7 +477,7 @@ def produce(
     bucket = _TokenBucket(rate) if rate is not None else None
     sent = 0
     t0 = time.monotonic()
-    producer = ReliableProducer(bootstrap, client_id="growclip-producer")
+    producer = ReliableProducer(bootstrap, client_id="growclip-producer", security=security)
     try:
         for rec in records:
             if stop is not None and stop.is_set():

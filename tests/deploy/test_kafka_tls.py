@@ -1,0 +1,185 @@
+"""kafka.security reaches every client: topic creation, the producer, the consumer and the dead letter
+all talk TLS to a real broker that is reachable only through TLS (a TLS terminator in front of a Tansu
+broker whose advertised address is the terminator's), with a CA file from the config."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+import pytest
+
+from growclip_daemon.broker import tansu_binary
+from growclip_daemon.config import load_config
+from growclip_stream.data.datasets import iter_records
+from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, KafkaSourceConfig
+from growclip_stream.data.produce import ensure_topics, produce
+from tests.helpers import free_port
+
+
+class TlsTerminator:
+    """Accepts TLS on ``port`` and relays the plaintext to ``target``; counts completed handshakes."""
+
+    def __init__(self, port: int, target: int, cert: Path, key: Path) -> None:
+        self.target = target
+        self.handshakes = 0
+        self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._ctx.load_cert_chain(cert, key)
+        self._server = socket.create_server(("127.0.0.1", port))
+        self._server.settimeout(0.2)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._serve, name="tls-terminator", daemon=True)
+        self._accept.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                raw, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            t = threading.Thread(target=self._relay, args=(raw,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _relay(self, raw: socket.socket) -> None:
+        try:
+            raw.settimeout(10)
+            tls = self._ctx.wrap_socket(raw, server_side=True)
+        except (OSError, ssl.SSLError):
+            raw.close()
+            return
+        self.handshakes += 1
+        upstream = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+        for s in (tls, upstream):
+            s.settimeout(0.2)
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            while not self._stop.is_set():
+                try:
+                    data = src.recv(65536)
+                except (TimeoutError, ssl.SSLWantReadError):
+                    continue
+                except OSError:
+                    break
+                if not data:
+                    break
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    break
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+        back = threading.Thread(target=pump, args=(upstream, tls), daemon=True)
+        back.start()
+        pump(tls, upstream)
+        back.join(timeout=5)
+        for s in (tls, upstream):
+            s.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._accept.join(timeout=5)
+        self._server.close()
+        for t in self._threads:
+            t.join(timeout=5)
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Iterator[tuple[str, Path, TlsTerminator]]:
+    """(bootstrap of the TLS endpoint, the CA file that verifies it, the terminator)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    plain, tls_port = free_port(), free_port()
+    log = open(tmp_path / "tansu.log", "wb")  # noqa: SIM115 - closed below
+    broker = subprocess.Popen(
+        [str(tansu_binary()), "broker", "--listener-url", f"tcp://127.0.0.1:{plain}",
+         "--advertised-listener-url", f"tcp://127.0.0.1:{tls_port}", "--storage-engine", "memory://tansu/"],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"},
+    )  # fmt: skip
+    terminator = TlsTerminator(tls_port, plain, cert, key)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert broker.poll() is None, (tmp_path / "tansu.log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", plain), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "broker did not listen"
+                time.sleep(0.1)
+        yield f"127.0.0.1:{tls_port}", cert, terminator
+    finally:
+        terminator.close()
+        broker.send_signal(2)  # SIGINT: Tansu stops at once
+        try:
+            broker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            broker.kill()
+            broker.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_every_kafka_client_speaks_tls_with_the_configured_ca(tls_broker) -> None:
+    bootstrap, ca, terminator = tls_broker
+    cfg = load_config(
+        None,
+        [
+            f"kafka.bootstrap={bootstrap}",
+            "kafka.security.security_protocol=SSL",
+            f"kafka.security.ssl_cafile={ca}",
+        ],
+    )
+    security = cfg.kafka.client_security()
+    topic = "tls-pairs"
+    ensure_topics(bootstrap, [topic, f"{topic}.dlq"], security=security)
+    sent = produce(bootstrap, topic, islice(iter_records("fashion-mnist"), 20), security=security)
+    assert sent == 20
+    source = KafkaSource(
+        KafkaSourceConfig(
+            bootstrap=bootstrap, topic=topic, group_id="tls", partitions="all", security=security
+        )
+    )
+    dead = KafkaDeadLetter(bootstrap, topic, security=security)
+    try:
+        got = []
+        deadline = time.monotonic() + 60
+        while len(got) < 20:
+            assert time.monotonic() < deadline, f"consumed {len(got)} of 20 over TLS"
+            got.extend(source.poll(0.5))
+        assert len({m.offset for m in got}) == 20
+        dead.send(got[0], "bad_image", "a test dead letter")
+        assert dead.flush(30)
+    finally:
+        source.close()
+        dead.close()
+    dlq = KafkaSource(
+        KafkaSourceConfig(
+            bootstrap=bootstrap, topic=f"{topic}.dlq", group_id="tls-dlq", partitions="all", security=security
+        )
+    )
+    try:
+        deadline = time.monotonic() + 60
+        letters: list = []
+        while not letters:
+            assert time.monotonic() < deadline, "the dead letter did not arrive over TLS"
+            letters = dlq.poll(0.5)
+        assert dict(letters[0].headers)["reason"] == b"bad_image"
+    finally:
+        dlq.close()
+    assert terminator.handshakes >= 4  # admin, producer, consumer, dead letter: each its own TLS connection
