@@ -85,16 +85,15 @@ def preprocessing_spec(arch: ArchConfig) -> dict[str, Any]:
 
 
 def load_checkpoint(url: str) -> Checkpoint:
-    """A checkpoint from a checkpoint root (its newest, through LATEST) or from one checkpoint folder."""
-    root = Checkpointer(url)
-    if root.latest() is not None:
-        return root.load()
+    """One checkpoint folder (it holds manifest.json), or the newest checkpoint under a root."""
+    store = Checkpointer(url)
+    folder = store.root.rstrip("/")
     try:
-        return root.load(root.root)  # the URL names one checkpoint's folder
+        if store.fs.exists(f"{folder}/manifest.json"):
+            return store.load(folder)
+        return store.load()
     except (CheckpointError, FileNotFoundError) as err:
-        raise ExportError(
-            f"no checkpoint at {url}: neither a checkpoint root nor a checkpoint ({err})"
-        ) from err
+        raise ExportError(f"no checkpoint at {url}: {err}") from err
 
 
 # ----------------------------------------------------------------------------- safetensors
