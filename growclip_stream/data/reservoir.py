@@ -6,12 +6,26 @@ training batch, and the **held-out** buffer, a fixed-size unbiased view of the h
 Memory stays bounded however long the stream runs, and every past sample is equally likely to be in
 it. Replayed samples never repeat within a batch and never duplicate an id already in it (a
 duplicate pair would be its own false negative in the contrastive loss).
+
+A checkpoint keeps the reservoir (:meth:`Reservoir.state_dict`): the kept samples as one ``uint8``
+pixel tensor plus their ids and captions as UTF-8 bytes, the count seen and the generator state, so
+a restart replays and evaluates on the same samples and draws the same replacements.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
+from typing import Any
 
+import torch
+
+from growclip_stream.checkpoint.state import (
+    pack_strings,
+    python_rng_state,
+    restore_python_rng,
+    unpack_strings,
+)
 from growclip_stream.data.pipeline import Sample
 
 __all__ = ["Reservoir"]
@@ -45,3 +59,26 @@ class Reservoir:
             raise ValueError(f"n must be >= 0, got {n!r}")
         pool = [s for s in self.samples if s.id not in exclude_ids] if exclude_ids else self.samples
         return self._rng.sample(pool, min(n, len(pool)))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Kept samples as tensors (pixels stacked, ids and captions packed), ``seen`` and the RNG."""
+        state: dict[str, Any] = {"seen": self.seen, "rng": python_rng_state(self._rng)}
+        if self.samples:
+            state["images"] = torch.stack([s.image for s in self.samples])
+            state["ids"] = pack_strings([s.id for s in self.samples])
+            state["captions"] = pack_strings([s.caption for s in self.samples])
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; a smaller capacity keeps the first ``capacity`` samples."""
+        samples: list[Sample] = []
+        if "images" in state:
+            images = state["images"]
+            ids, captions = unpack_strings(state["ids"]), unpack_strings(state["captions"])
+            if not (len(images) == len(ids) == len(captions)):
+                raise ValueError("reservoir state: images, ids and captions differ in length")
+            samples = [Sample(i, images[k], c) for k, (i, c) in enumerate(zip(ids, captions, strict=True))]
+        self.samples = samples[: self.capacity]
+        self.seen = max(int(state.get("seen", len(samples))), len(self.samples))
+        if "rng" in state:
+            restore_python_rng(self._rng, state["rng"])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from growclip_stream.batch import Batch
+from growclip_stream.checkpoint.state import python_rng_state, restore_python_rng
 from growclip_stream.data.decode import DecodePipeline, Routed, SettledStates
 from growclip_stream.data.pipeline import Batcher, Sample, collate, full_batches
 from growclip_stream.data.records import RecordError
@@ -67,7 +68,7 @@ class LoopConfig:
 class Source(Protocol):
     def poll(self, timeout_s: float, max_records: int | None = None) -> Sequence[Any]: ...
     def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> bool | None: ...
     def pause(self) -> None: ...
     def resume(self) -> None: ...
 
@@ -153,6 +154,24 @@ class OnlineLoop:
         self.source.load_state_dict(state)
         self.ledger = SettledStates(self.source.state_dict())
         self.settled_source_state = self.source.state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a restart needs beyond weights, optimizer and growth: the loop's generator and the
+        replay and held-out reservoirs (their samples as tensors; see ``Reservoir.state_dict``)."""
+        return {
+            "rng": python_rng_state(self._rng),
+            "replay": self.replay.state_dict(),
+            "holdout": self.holdout.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (parts missing from an older checkpoint stay as built)."""
+        if "rng" in state:
+            restore_python_rng(self._rng, state["rng"])
+        if "replay" in state:
+            self.replay.load_state_dict(state["replay"])
+        if "holdout" in state:
+            self.holdout.load_state_dict(state["holdout"])
 
     @property
     def searching(self) -> bool:
