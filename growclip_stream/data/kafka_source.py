@@ -6,6 +6,14 @@ has *returned* to the caller. :meth:`KafkaSource.state_dict` goes into the check
 positions to Kafka only after the checkpoint holding them is durable. Kafka's committed offsets
 are therefore a fallback for a start without a checkpoint, never ahead of what a checkpoint holds.
 
+Identity: positions are offsets into one topic of one Kafka cluster, so
+:meth:`KafkaSource.state_dict` carries the topic and the cluster id the broker reports in its
+metadata, and :meth:`KafkaSource.load_state_dict` refuses positions read from another topic or
+another cluster (an embedded demo broker's, a re-created test cluster's): it logs why and leaves
+each partition to start from the group's committed offset, else ``auto_offset_reset``. Applied
+to another cluster they would silently skip (or re-read) records. Positions that carry no
+cluster id (written by older versions) are applied with a warning.
+
 Assignment: by default the source joins the consumer group and the group assigns partitions
 (``subscribe``); with ``partitions`` set it reads exactly those (``assign``, no group membership).
 
@@ -154,6 +162,7 @@ class KafkaSource:
         self._stall_since: float | None = None
         self._stall_positions: dict[int, int] = {}
         self._awaiting_assignment = False  # a new client has not been assigned partitions yet
+        self._cluster_id: str | None = None  # from the broker's metadata, once a client has it
         self._consumer: KafkaConsumer | None = self._create_consumer(cfg.request_timeout_ms * 3)
 
     # -- the client -------------------------------------------------------------------------------
@@ -188,7 +197,25 @@ class KafkaSource:
         except BaseException:
             consumer.close(autocommit=False, timeout_ms=0)
             raise
+        self._note_cluster_id(consumer)
         return consumer
+
+    def _note_cluster_id(self, consumer: KafkaConsumer) -> None:
+        """Remember the cluster id from the client's metadata (fetched while bootstrapping)."""
+        cluster_id = getattr(getattr(getattr(consumer, "_client", None), "cluster", None), "cluster_id", None)
+        if not isinstance(cluster_id, str) or not cluster_id:
+            return
+        if self._cluster_id is not None and cluster_id != self._cluster_id:
+            log.error(
+                "the bootstrap servers now answer for another Kafka cluster",
+                extra={"topic": self.cfg.topic, "was": self._cluster_id, "now": cluster_id},
+            )
+        self._cluster_id = cluster_id
+
+    @property
+    def cluster_id(self) -> str | None:
+        """The Kafka cluster this source reads (None until a client has fetched metadata)."""
+        return self._cluster_id
 
     def _static_partitions(self, consumer: KafkaConsumer) -> list[TopicPartition]:
         wanted = self.cfg.partitions
@@ -505,14 +532,26 @@ class KafkaSource:
     # -- positions --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Positions of the partitions read now, and of revoked ones not reported durable yet."""
+        """Positions of the partitions read now, and of revoked ones not reported durable yet, with
+        the topic and cluster id they belong to."""
         with self._lock:
             merged = {**self._revoked, **self._positions}
         positions = {str(p): off for p, off in sorted(merged.items())}
-        return {"topic": self.cfg.topic, "positions": positions}
+        state: dict[str, Any] = {"topic": self.cfg.topic}
+        if self._cluster_id is not None:
+            state["cluster_id"] = self._cluster_id
+        state["positions"] = positions
+        return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Adopts stored positions; partitions are sought to them now if assigned, else on assignment."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> bool:
+        """Adopts stored positions; partitions are sought to them now if assigned, else on assignment.
+
+        Returns False, and logs an error, when the positions belong to another topic or another
+        cluster: then nothing is applied and partitions start from the group's committed offsets
+        (else ``auto_offset_reset``). Raises ValueError on a malformed state.
+        """
+        if not self._same_stream(state):
+            return False
         positions = _parse_state(state, self.cfg.topic)
         with self._lock:
             self._positions.update(positions)
@@ -524,7 +563,40 @@ class KafkaSource:
             for partition, offset in positions.items():
                 if partition in assigned:
                     consumer.seek(assigned[partition], offset)
-        log.info("loaded source positions", extra={"topic": self.cfg.topic, "positions": positions})
+        log.info(
+            "loaded source positions",
+            extra={"topic": self.cfg.topic, "cluster_id": self._cluster_id, "positions": positions},
+        )
+        return True
+
+    def _same_stream(self, state: Mapping[str, Any]) -> bool:
+        saved_topic, saved_cluster = state.get("topic"), state.get("cluster_id")
+        fallback = f"the group's committed offsets, else auto_offset_reset={self.cfg.auto_offset_reset}"
+        if saved_topic != self.cfg.topic:
+            log.error(
+                "source positions belong to another topic; not applied",
+                extra={"saved_topic": saved_topic, "topic": self.cfg.topic, "starting_from": fallback},
+            )
+            return False
+        if saved_cluster is None:
+            log.warning(
+                "source positions carry no cluster id (saved by an older version); applied to this cluster",
+                extra={"topic": self.cfg.topic, "cluster_id": self._cluster_id},
+            )
+            return True
+        if saved_cluster != self._cluster_id:
+            log.error(
+                "source positions were read from another Kafka cluster; not applied",
+                extra={
+                    "topic": self.cfg.topic,
+                    "saved_cluster_id": saved_cluster,
+                    "cluster_id": self._cluster_id,
+                    "positions": state.get("positions"),
+                    "starting_from": fallback,
+                },
+            )
+            return False
+        return True
 
     def commit(self, state: Mapping[str, Any] | None = None) -> bool:
         """Reports ``state`` (a :meth:`state_dict` that was saved durably; by default the current

@@ -617,13 +617,20 @@ class ShardSource:
                 "row": self._row if self._current is not None else 0,
             }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resumes at a :meth:`state_dict`: the next poll returns the row after the last one returned."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> bool:
+        """Resumes at a :meth:`state_dict`: the next poll returns the row after the last one returned.
+
+        Positions name shards relative to the URL they were read from, so a state saved for
+        another URL is refused (logged, returns False): the source starts from the first shard
+        rather than skip shards of the same name elsewhere. Raises ValueError on a malformed state.
+        """
         completed, failed, shard, row = _parse_state(state)
         if state.get("url") != self.url:
-            log.warning(
-                "shard state was saved for another URL", extra={"saved": state.get("url"), "url": self.url}
+            log.error(
+                "shard positions were saved for another URL; not applied, starting from the first shard",
+                extra={"saved_url": state.get("url"), "url": self.url},
             )
+            return False
         self._close_reader()
         self._rescan()
         with self._lock:
@@ -635,6 +642,7 @@ class ShardSource:
                 self._current, self._row = None, 0
                 log.error("shard of the saved state is gone", extra={"shard": shard, "url": self.url})
         log.info("loaded shard positions", extra={"url": self.url, "shard": shard, "row": row})
+        return True
 
     def commit(self, state: Mapping[str, Any] | None = None) -> None:
         """No-op: shards have no broker to commit to; positions live only in the checkpoint.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from growclip_daemon.broker import EmbeddedBroker
 from growclip_stream.data.decode import DecodePipeline, Routed, SettledStates
 from growclip_stream.data.images import ImageTransform
 from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, KafkaSourceConfig, Message
@@ -79,7 +81,8 @@ def test_consumes_everything_exactly_once(broker: str, topic: str, fmt: str) -> 
         assert all(m.topic == topic and m.timestamp_ms > 0 for m in msgs)
         if fmt == "binary":
             assert dict(msgs[0].headers)["content-type"] == b"image/png"
-        assert src.state_dict() == {"topic": topic, "positions": {"0": 150}}
+        assert src.state_dict() == {"topic": topic, "cluster_id": src.cluster_id, "positions": {"0": 150}}
+        assert src.cluster_id, "the broker's metadata names its cluster"
 
 
 def test_state_dict_resumes_without_duplicates_or_gaps(broker: str, topic: str) -> None:
@@ -127,8 +130,43 @@ def test_load_state_dict_after_assignment_seeks_at_once(broker: str, topic: str)
         rest = consume(src, 10)
         assert [m.offset for m in rest] == list(range(40, 50))
         assert_quiet(src, 0.5)
-        with pytest.raises(ValueError, match="topic"):
-            src.load_state_dict({"topic": "other", "positions": {"0": 1}})
+        assert src.load_state_dict({"topic": "other", "positions": {"0": 1}}) is False  # refused
+        assert src.state_dict()["positions"] == {"0": 50}
+        with pytest.raises(ValueError, match="position"):
+            src.load_state_dict({"topic": topic, "positions": {"0": -1}})
+
+
+def test_positions_from_another_cluster_are_refused_not_applied(
+    broker: str, topic: str, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint written against one cluster (e.g. the embedded demo broker) names offsets that
+    mean nothing on another one with the same topic: applying them would skip its first records."""
+    other = EmbeddedBroker(log_path=tmp_path / "other.log")
+    other.start()
+    try:
+        ensure_topics(other.bootstrap, [topic])
+        produce(other.bootstrap, topic, records(40))
+        with source(other.bootstrap, topic, "g-demo") as demo:
+            consume(demo, 30)
+            saved = json.loads(json.dumps(demo.state_dict()))
+        assert saved["cluster_id"] == other.cluster_id and saved["positions"] == {"0": 30}
+    finally:
+        other.stop()
+
+    produce(broker, topic, records(40, start=100))
+    with source(broker, topic, f"g-{topic}") as src, caplog.at_level(logging.ERROR):
+        assert src.cluster_id != saved["cluster_id"]
+        assert src.load_state_dict(saved) is False
+        msgs = consume(src, 40)  # from the start of this cluster's topic: nothing skipped
+    assert [m.offset for m in msgs] == list(range(40))
+    assert ids(msgs)[0] == "rec-00100"
+    refusal = [r for r in caplog.records if "another Kafka cluster" in r.getMessage()]
+    assert refusal and refusal[0].saved_cluster_id == saved["cluster_id"]  # type: ignore[attr-defined]
+
+    # positions from this cluster still apply
+    with source(broker, topic, f"g2-{topic}") as again:
+        assert again.load_state_dict({**saved, "cluster_id": again.cluster_id}) is True
+        assert [m.offset for m in consume(again, 10)] == list(range(30, 40))
 
 
 def test_commit_moves_the_group_forward(broker: str, topic: str) -> None:
@@ -475,7 +513,8 @@ def test_source_feeds_the_decode_pipeline_with_backpressure(broker: str, topic: 
             assert pipe.in_flight() <= 32
         assert_quiet(src, 0.5)
         assert paused_polls > 0
-        assert ledger.settled() == src.state_dict() == {"topic": topic, "positions": {"0": 300}}
+        assert ledger.settled() == src.state_dict()
+        assert src.state_dict() == {"topic": topic, "cluster_id": src.cluster_id, "positions": {"0": 300}}
     assert [r.message.offset for r in routed] == list(range(300))
     assert {r.status for r in routed} <= {"trained", "held_out"}
     assert ids([r.message for r in routed]) == [f"rec-{i:05d}" for i in range(300)]

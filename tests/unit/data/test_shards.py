@@ -311,6 +311,23 @@ def test_load_state_rejects_bad_state_and_survives_a_vanished_shard(
     same_records(drain(src), real_records[:20])
 
 
+def test_positions_saved_for_another_url_are_refused(tmp_path: Path, real_records: list[Record]) -> None:
+    """Shard names are relative to their URL: positions from other shards of the same names must
+    not make this source skip its own."""
+    write_tar_shards(real_records[:20], str(tmp_path / "a"), per_shard=10)
+    write_tar_shards(real_records[20:40], str(tmp_path / "b"), per_shard=10)
+    first = ShardSource(str(tmp_path / "a"))
+    first.poll(1.0, max_records=15)
+    saved = json.loads(json.dumps(first.state_dict()))
+    assert saved["completed"] == ["00000.tar"] and saved["row"] == 5
+    other = ShardSource(str(tmp_path / "b"))
+    assert other.load_state_dict(saved) is False
+    same_records(drain(other), real_records[20:40])  # from its first shard: nothing skipped
+    again = ShardSource(str(tmp_path / "a"))
+    assert again.load_state_dict(saved) is True
+    same_records(drain(again), real_records[15:20])
+
+
 def test_write_tar_rejects_dotted_ids(mem_url: str, real_records: list[Record]) -> None:
     with pytest.raises(ValueError, match=r"contains '\.'"):
         write_tar_shards([Record("a.b", "c", real_records[0].image)], mem_url, per_shard=1)
