@@ -113,8 +113,9 @@ class ProducerSettings(Strict):
 
 class CheckpointSettings(Strict):
     root: str = ".state/checkpoints"  # any fsspec URL; resumed from at start when it holds one
-    keep: int = Field(3, ge=1)  # newest checkpoints kept
-    every_s: float = Field(0, ge=0)  # also save this often while running; 0 = only on request and at stop
+    keep: int = Field(3, ge=1)  # newest checkpoints kept (plus the last one before each growth)
+    every_s: float = Field(300, ge=0)  # save in the background this often while training moves; 0 = off
+    every_steps: int = Field(0, ge=0)  # and/or every this many trainer steps; 0 = off
 
 
 SUITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")

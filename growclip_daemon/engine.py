@@ -9,9 +9,11 @@ ends between suites, the server closes, the broker child is stopped last.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import queue
+import secrets
 import signal
 import threading
 import time
@@ -31,7 +33,18 @@ from growclip_daemon.evaluator import EvaluatorService
 from growclip_daemon.http import AppState, ControlRejected, HttpServer, ServeLimits, build_app
 from growclip_daemon.metrics import Metrics
 from growclip_daemon.service import Service, ServiceTree, ThreadService
-from growclip_stream.checkpoint import Checkpoint, Checkpointer, restore_optimizer
+from growclip_stream.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointManager,
+    CheckpointPolicy,
+    CheckpointStore,
+    SaveResult,
+    TrainingState,
+    capture,
+    restore_global_rng,
+    restore_optimizer,
+)
 from growclip_stream.data.datasets import iter_records
 from growclip_stream.data.decode import DecodePipeline
 from growclip_stream.data.images import ImageTransform
@@ -158,9 +171,18 @@ class TrainingService(ThreadService):
         self._last_lag_update = 0.0
         self._worker_deaths = self._stalls = 0  # decode worker deaths and stalls already in the metrics
         self._lag: dict[int, int] = {}
-        self.checkpointer = Checkpointer(cfg.checkpoint.root, keep=cfg.checkpoint.keep)
+        # A fresh id per start: versions (growclip@<generation>.<step>.<run>) stay unique when a
+        # restart repeats the steps after its checkpoint.
+        self.run_id = secrets.token_hex(3)
+        self.parent_checkpoint: str | None = None
+        self.checkpointer = CheckpointStore(cfg.checkpoint.root, keep=cfg.checkpoint.keep)
+        self.checkpoints = CheckpointManager(
+            self.checkpointer,
+            CheckpointPolicy(every_s=cfg.checkpoint.every_s, every_steps=cfg.checkpoint.every_steps),
+            on_durable=self._checkpoint_durable,
+            on_failure=lambda err: metrics.checkpoint_failures.inc(),
+        )
         self._checkpoint_requests: queue.SimpleQueue[Future[str]] = queue.SimpleQueue()
-        self._last_save = time.monotonic()
         self.last_checkpoint: str | None = None
         # told after every publish, in the training thread: each only hands the reference over
         self.publish_listeners: list[Callable[[ModelSnapshot], None]] = []
@@ -184,6 +206,7 @@ class TrainingService(ThreadService):
             step=step,
             samples_trained=samples_trained,
             growth_history=growth_history,
+            run=self.run_id,
         )
         self.store.publish(snap)
         self.metrics.set_model(snap)
@@ -203,7 +226,7 @@ class TrainingService(ThreadService):
             max_caption_chars=cfg.data.max_caption_chars,
             max_image_pixels=cfg.data.max_image_pixels,
         )
-        resumed = self.checkpointer.load() if self.checkpointer.latest() else None
+        resumed = self.checkpointer.load_latest()  # the newest usable one; None when there is none
         model = resumed.model if resumed is not None else GrowCLIP(arch)
         self.pipeline = DecodePipeline(
             Decoder(ImageTransform(arch.image_size, arch.channels), limits),
@@ -266,37 +289,42 @@ class TrainingService(ThreadService):
         return kafka, KafkaDeadLetter(self.runtime.bootstrap, topic, security=security)
 
     def _resume(self, ckpt: Checkpoint) -> None:
-        """Continue where the checkpoint left off: counters, optimizer, growth history, source positions."""
+        """Continue where the checkpoint left off: counters, optimizer, growth history, RNG,
+        reservoirs, and source positions (which the source refuses when they come from another
+        cluster or topic, e.g. an earlier embedded broker's)."""
         assert self.loop is not None and self.source is not None
         trainer = self.loop.trainer
         trainer.resume(step=ckpt.step, samples=ckpt.samples)
         restore_optimizer(trainer.model, trainer.optimizer, ckpt.optimizer_state)
         self.loop.growth.load_state_dict(ckpt.manifest.get("growth", {}))
-        if self.cfg.source == "kafka" and self.cfg.kafka.embedded:
-            # The embedded broker keeps its log in memory: this is a new, empty topic, and the
-            # checkpoint's offsets point into one that is gone. The model resumes; the stream restarts.
-            log.warning("embedded in-memory broker: the checkpoint's source positions do not apply")
-        else:
-            self.loop.load_source_state(ckpt.manifest["source"])
-        self.last_checkpoint = ckpt.path
+        restore_global_rng(ckpt.rng)
+        self.loop.load_state_dict(ckpt.loop_state)
+        self.loop.load_source_state(ckpt.source)
+        self.last_checkpoint = self.parent_checkpoint = ckpt.path
+        self.checkpoints.mark_saved(ckpt.step, self._progress())
         log.info(
             "resumed from checkpoint",
-            extra={"path": ckpt.path, "step": ckpt.step, "generation": self.loop.growth.generation},
-        )
+            extra={"path": ckpt.path, "step": ckpt.step, "generation": self.loop.growth.generation,
+                   "run": self.run_id},
+        )  # fmt: skip
 
     def run(self, stop: threading.Event) -> None:
         if self.loop is None:
             raise RuntimeError("training service started without a loop")
         self.loop.run(stop, self.paused, tick=self._tick)
-        self.save_checkpoint("shutdown")  # the loop has finished its step: everything consumed is settled
+        try:  # the loop has finished its step: everything consumed is settled
+            self.save_checkpoint("shutdown")
+        except CheckpointError:
+            pass  # counted and logged; offsets stay uncommitted, so the next start re-reads them
+        finally:
+            self.checkpoints.close()
 
     def _tick(self) -> None:
         """Runs in the training thread between iterations: ingest metrics (lag, decode worker deaths
         and stalls), and checkpoints (never mid-step)."""
         self._update_ingest_metrics()
-        every = self.cfg.checkpoint.every_s
-        if every and time.monotonic() - self._last_save >= every:
-            self.save_checkpoint("periodic")
+        assert self.loop is not None
+        self.checkpoints.maybe_save(self.loop.trainer.step, self._capture, progress=self._progress())
         while not self._checkpoint_requests.empty():
             request = self._checkpoint_requests.get()
             try:
@@ -304,32 +332,44 @@ class TrainingService(ThreadService):
             except Exception as err:
                 request.set_exception(err)
 
+    def _progress(self) -> str:
+        """What changes when a checkpoint would hold something new beyond the step: the positions."""
+        assert self.loop is not None
+        return json.dumps(self.loop.settled_source_state, sort_keys=True)
+
+    def _capture(self) -> TrainingState:
+        """The training thread's part of a save: everything copied to CPU, between steps."""
+        assert self.loop is not None
+        loop = self.loop
+        return capture(
+            loop.trainer.model,
+            loop.trainer.optimizer,
+            step=loop.trainer.step,
+            samples=loop.trainer.samples,
+            generation=loop.growth.generation,
+            growth=loop.growth.state_dict(),
+            source=loop.settled_source_state,
+            loop=loop.state_dict(),
+            run={"id": self.run_id, "parent": self.parent_checkpoint},
+        )
+
     def save_checkpoint(self, reason: str) -> str:
-        """Save durably, then commit the saved source positions: offsets never run ahead of a checkpoint."""
-        assert self.loop is not None and self.source is not None
-        loop, start = self.loop, time.monotonic()
-        source_state = loop.settled_source_state
-        try:
-            path = self.checkpointer.save(
-                loop.trainer.model,
-                loop.trainer.optimizer,
-                step=loop.trainer.step,
-                samples=loop.trainer.samples,
-                growth=loop.growth.state_dict(),
-                source=source_state,
-            )
-        except Exception:
-            self.metrics.checkpoint_failures.inc()
-            raise
-        self._last_save = time.monotonic()
-        self.metrics.checkpoint_seconds.observe(self._last_save - start)
-        assert self.dead_letter is not None
+        """Save now (after a background save in progress), in this thread; raises CheckpointError."""
+        return self.checkpoints.save(self._capture, reason, progress=self._progress()).path
+
+    def _checkpoint_durable(self, result: SaveResult) -> None:
+        """On the training thread once a save is durable: only now are its positions committed."""
+        assert self.dead_letter is not None and self.source is not None
+        self.metrics.checkpoint_seconds.observe(result.saved.seconds + result.stall_s)
         self.dead_letter.flush()  # dead-lettered records are out before their offsets are committed
         self.metrics.checkpoint_last_success.set_to_current_time()
-        self.source.commit(source_state)
-        self.last_checkpoint = path
-        log.info("checkpoint committed", extra={"reason": reason, "path": path, "positions": source_state})
-        return path
+        self.source.commit(result.state.source)
+        self.last_checkpoint = result.path
+        log.info(
+            "checkpoint committed",
+            extra={"reason": result.reason, "path": result.path, "positions": result.state.source,
+                   "stall_s": round(result.stall_s, 4), "write_s": round(result.saved.seconds, 3)},
+        )  # fmt: skip
 
     def _update_ingest_metrics(self) -> None:
         now = time.monotonic()

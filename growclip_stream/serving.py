@@ -79,7 +79,10 @@ class ModelSnapshot:
     never sees a half-grown model)."""
 
     model: GrowCLIP  # a private deep copy in eval mode, requires_grad False
-    version: str  # f"{generation}.{step}", e.g. "2.480" = grown twice, trainer step 480
+    # f"{generation}.{step}.{run}", e.g. "2.480.3f9a1c" = grown twice, trainer step 480, in run
+    # 3f9a1c (a random id drawn at every start: a restart from a checkpoint repeats steps, and the
+    # run keeps one version string from naming two models); "2.480" when no run is given
+    version: str
     generation: int  # number of growths behind this architecture
     step: int  # trainer step the weights were captured at
     samples_trained: int
@@ -102,6 +105,7 @@ class ModelSnapshot:
         step: int,
         samples_trained: int,
         growth_history: Sequence[Mapping[str, Any]],
+        run: str = "",
     ) -> ModelSnapshot:
         """Copy ``model`` into a new snapshot. Call it from the thread that trains ``model``
         (between steps), so that the copy sees one consistent set of weights."""
@@ -113,7 +117,7 @@ class ModelSnapshot:
             p.grad = None  # the copy never trains; do not keep a second set of gradients alive
         return cls(
             model=copied,
-            version=f"{generation}.{step}",
+            version=f"{generation}.{step}.{run}" if run else f"{generation}.{step}",
             generation=generation,
             step=step,
             samples_trained=samples_trained,
