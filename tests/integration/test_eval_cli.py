@@ -51,7 +51,7 @@ def test_eval_prints_the_metrics_of_the_stored_model(checkpoint: Path) -> None:
     done = run("--checkpoint", str(checkpoint), "--suite", "fashion-mnist", "--suite", "emoji", *SETTINGS)
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
-    assert answer["checkpoint"].endswith("000000000090")  # a root means its newest checkpoint
+    assert answer["checkpoint"].endswith("00000002-g1-s000000000090")  # a root means its newest checkpoint
     assert answer["model"] == "growclip@1.90" and answer["step"] == 90
     assert set(answer["suites"]) == {"fashion-mnist", "emoji"} and "errors" not in answer
 
@@ -75,7 +75,7 @@ def test_eval_prints_the_metrics_of_the_stored_model(checkpoint: Path) -> None:
 
 def test_eval_of_a_step_folder_and_its_errors(checkpoint: Path, tmp_path: Path) -> None:
     code, out, err = invoke(
-        "--checkpoint", str(checkpoint / "000000000040"), "--suite", "fashion-mnist", *SETTINGS
+        "--checkpoint", str(checkpoint / "00000001-g1-s000000000040"), "--suite", "fashion-mnist", *SETTINGS
     )
     assert code == 0, err
     assert json.loads(out)["model"] == "growclip@1.40"

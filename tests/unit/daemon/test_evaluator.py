@@ -198,7 +198,8 @@ def test_a_training_publish_reaches_the_evaluator_and_v1_model(daemon: Daemon) -
         metrics = client.get("/metrics").text
     suites = answer["evaluation"]["suites"]
     assert suites.keys() == {"fashion-mnist", "tuxpaint"}
-    assert {s["model_version"] for s in suites.values()} == {"1.7"} == {answer["version"]}
+    version = f"1.7.{daemon.training.run_id}"  # generation.step.run
+    assert {s["model_version"] for s in suites.values()} == {version} == {answer["version"]}
     assert suites["fashion-mnist"]["task"] == "zeroshot" and 0 <= suites["fashion-mnist"]["top1"] <= 1
     assert set(suites["tuxpaint"]["recall"]) == {"image_to_text", "text_to_image"}
     assert answer["evaluation"]["errors"] == {} and answer["training"] == {"state": "starting"}
