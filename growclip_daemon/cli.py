@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import httpx
 import typer
@@ -222,6 +222,10 @@ def produce(
     seed: Annotated[
         int | None, typer.Option(help="Seed of the order and caption choice (default 0).")
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Daemon config whose kafka.security (TLS/SASL) to connect with."),
+    ] = None,
 ) -> None:
     """Publish image-text records to Kafka (demos, tests, backfills): a dataset, or the rows of shards.
 
@@ -245,10 +249,16 @@ def produce(
         fail(f"--split must be train or test, not {split!r}")
     if shards is not None and (split is not None or repeat or seed is not None):
         fail("--split, --repeat and --seed apply to --dataset, not to --shards")
+    try:
+        security = _config(config, None).kafka.client_security() if config is not None else {}
+    except ValueError as err:  # a secret's environment variable is not set
+        fail(str(err))
     if dataset is not None:
-        _produce_dataset(bootstrap, topic, dataset, split or "train", seed or 0, repeat, limit, rate, format)
+        _produce_dataset(
+            bootstrap, topic, dataset, split or "train", seed or 0, repeat, limit, rate, format, security
+        )
     else:
-        _produce_shards(bootstrap, topic, str(shards), limit, rate, format)
+        _produce_shards(bootstrap, topic, str(shards), limit, rate, format, security)
 
 
 def _produce_dataset(
@@ -261,6 +271,7 @@ def _produce_dataset(
     limit: int | None,
     rate: float | None,
     fmt: str,
+    security: dict[str, Any],
 ) -> None:
     from growclip_stream.data.datasets import iter_records
     from growclip_stream.data.produce import ensure_topics
@@ -271,13 +282,19 @@ def _produce_dataset(
     except FileNotFoundError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    ensure_topics(bootstrap, [topic, f"{topic}.dlq"])
-    sent = produce_records(bootstrap, topic, records, fmt=fmt, rate=rate, limit=limit)  # type: ignore[arg-type]
+    ensure_topics(bootstrap, [topic, f"{topic}.dlq"], security=security)
+    sent = produce_records(bootstrap, topic, records, fmt=fmt, rate=rate, limit=limit, security=security)  # type: ignore[arg-type]
     typer.echo(json.dumps({"topic": topic, "records": sent}))
 
 
 def _produce_shards(
-    bootstrap: str, topic: str, url: str, limit: int | None, rate: float | None, fmt: str
+    bootstrap: str,
+    topic: str,
+    url: str,
+    limit: int | None,
+    rate: float | None,
+    fmt: str,
+    security: dict[str, Any],
 ) -> None:
     from collections import Counter
 
@@ -292,9 +309,9 @@ def _produce_shards(
         raise typer.Exit(2) from None
     skipped: Counter[str] = Counter()
     with source:
-        ensure_topics(bootstrap, [topic, f"{topic}.dlq"])
+        ensure_topics(bootstrap, [topic, f"{topic}.dlq"], security=security)
         records = iter_shard_records(source, skipped)
-        sent = produce_records(bootstrap, topic, records, fmt=fmt, rate=rate, limit=limit)  # type: ignore[arg-type]
+        sent = produce_records(bootstrap, topic, records, fmt=fmt, rate=rate, limit=limit, security=security)  # type: ignore[arg-type]
         failed = source.state_dict()["failed"]
     typer.echo(
         json.dumps(

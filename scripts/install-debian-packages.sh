@@ -2,7 +2,8 @@
 # Installs, once, what the demo and the tests need from outside PyPI:
 # - Debian packages: the real datasets they stream (dataset-fashion-mnist, tuxpaint-stamps-default,
 #   openclipart-png), promtool (package prometheus) to check the metrics exposition, and kcat, an
-#   independent Kafka client for the interoperability tests;
+#   independent Kafka client for the interoperability tests; systemd-analyze (package systemd) to
+#   verify the service unit in daemon/systemd;
 # - the npm dataset emoji-datasource-twitter, project-locally under .datasets/npm
 #   (GROWCLIP_NPM_PREFIX overrides where), pinned to one version.
 # Idempotent: it checks files first and installs only what is missing, so when everything is
@@ -20,6 +21,7 @@ need=()
 [ -d /usr/share/openclipart/png/animals ] || need+=(openclipart-png)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v kcat >/dev/null || need+=(kcat)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ! -f "$emoji_stamp" ] && ! command -v npm >/dev/null; then
     need+=(npm)
 fi

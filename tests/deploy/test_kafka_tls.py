@@ -5,6 +5,7 @@ broker whose advertised address is the terminator's), with a CA file from the co
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import ssl
@@ -16,13 +17,14 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
+import yaml
 
 from growclip_daemon.broker import tansu_binary
 from growclip_daemon.config import load_config
 from growclip_stream.data.datasets import iter_records
 from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, KafkaSourceConfig
 from growclip_stream.data.produce import ensure_topics, produce
-from tests.helpers import free_port
+from tests.helpers import DAEMON, free_port
 
 
 class TlsTerminator:
@@ -183,3 +185,39 @@ def test_every_kafka_client_speaks_tls_with_the_configured_ca(tls_broker) -> Non
     finally:
         dlq.close()
     assert terminator.handshakes >= 4  # admin, producer, consumer, dead letter: each its own TLS connection
+
+
+@pytest.mark.slow
+def test_produce_cli_connects_with_the_configs_security(tls_broker, tmp_path) -> None:
+    bootstrap, ca, _ = tls_broker
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": {
+                    "bootstrap": bootstrap,
+                    "security": {"security_protocol": "SSL", "ssl_cafile": str(ca)},
+                }
+            }
+        )
+    )
+    args = [*DAEMON, "produce", "--bootstrap", bootstrap, "--topic", "tls-cli", "--dataset", "fashion-mnist"]
+    result = subprocess.run(
+        [*args, "--limit", "5", "--config", str(config)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"topic": "tls-cli", "records": 5}
+    security = load_config(config).kafka.client_security()
+    source = KafkaSource(
+        KafkaSourceConfig(
+            bootstrap=bootstrap, topic="tls-cli", group_id="cli", partitions="all", security=security
+        )
+    )
+    try:
+        got: list = []
+        deadline = time.monotonic() + 60
+        while len(got) < 5:
+            assert time.monotonic() < deadline, f"consumed {len(got)} of 5"
+            got.extend(source.poll(0.5))
+    finally:
+        source.close()
