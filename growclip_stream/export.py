@@ -289,6 +289,7 @@ def open_clip_config(arch: ArchConfig) -> dict[str, Any]:
             "growclip_export_version": EXPORT_VERSION,
             "architecture": arch.to_dict(),
             "tokenizer": tokenizer_spec(arch),
+            "preprocessing": preprocessing_spec(arch),
             "note": "tokenize texts with the byte tokenizer described here; OpenCLIP's get_tokenizer gives "
             "BPE ids this vocabulary does not have"
             + (
