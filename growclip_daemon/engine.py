@@ -361,6 +361,7 @@ class TrainingService(ThreadService):
         """On the training thread once a save is durable: only now are its positions committed."""
         assert self.dead_letter is not None and self.source is not None
         self.metrics.checkpoint_seconds.observe(result.saved.seconds + result.stall_s)
+        self.metrics.checkpoint_stall.observe(result.stall_s)
         self.dead_letter.flush()  # dead-lettered records are out before their offsets are committed
         self.metrics.checkpoint_last_success.set_to_current_time()
         self.source.commit(result.state.source)

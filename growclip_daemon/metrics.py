@@ -252,10 +252,17 @@ class Metrics:
         # --- checkpoints ------------------------------------------------------------------------
         self.checkpoint_seconds = Histogram(
             "checkpoint_duration_seconds",
-            "Wall time to write one checkpoint durably.",
+            "Wall time to write one checkpoint durably (copy, serialise, write, fsync).",
             namespace=ns,
             registry=r,
             buckets=CHECKPOINT_BUCKETS,
+        )
+        self.checkpoint_stall = Histogram(
+            "checkpoint_stall_seconds",
+            "Time the training thread waited for one checkpoint (the copy of its state to CPU).",
+            namespace=ns,
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
         )
         self.checkpoint_last_success = Gauge(
             "checkpoint_last_success_timestamp_seconds",

@@ -42,6 +42,7 @@ EXPECTED_FAMILIES = {
     "growclip_ingest_decode_stalls_total": "counter",
     "growclip_kafka_consumer_lag_records": "gauge",
     "growclip_checkpoint_duration_seconds": "histogram",
+    "growclip_checkpoint_stall_seconds": "histogram",
     "growclip_checkpoint_last_success_timestamp_seconds": "gauge",
     "growclip_checkpoint_failures_total": "counter",
     "growclip_http_requests_total": "counter",
