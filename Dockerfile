@@ -11,6 +11,7 @@
 # configs/kafka.yaml (an external Kafka cluster); mount your own over /etc/growclip/config.yaml
 # or pass `--config`. Give `docker stop` / the orchestrator more time than the 10 s default
 # (e.g. --stop-timeout 150): on SIGTERM the daemon finishes its step and writes a checkpoint.
+# PyTorch's runtime image of the torch release requirements.txt pins (its torch is kept as it is)
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 

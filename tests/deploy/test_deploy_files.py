@@ -123,6 +123,12 @@ def test_dockerfile_runs_the_daemon_as_a_service() -> None:
     assert user.split(":")[0] not in ("0", "root")
     assert "BASE_IMAGE=" in _instructions("ARG")[0] and "cuda" in _instructions("ARG")[0]  # CUDA unless told
     assert any(a.startswith("TORCH_INDEX_URL") for a in _instructions("ARG"))  # the CPU variant's switch
+    # the base image's torch is the release requirements.txt pins
+    (torch_pin,) = re.findall(r"^torch==([\w.]+)$", (ROOT / "requirements.txt").read_text(), re.MULTILINE)
+    assert re.search(
+        rf"BASE_IMAGE=pytorch/pytorch:{re.escape(torch_pin)}-cuda[\d.]+-cudnn\d+-runtime$",
+        _instructions("ARG")[0],
+    )
 
 
 def test_docker_build_context_holds_what_the_dockerfile_copies_and_no_data() -> None:
