@@ -20,6 +20,9 @@ the concatenation. Nothing here runs on the HTTP event loop: the route awaits th
 
 ``batching=False`` runs every job alone, the per-request forward the benchmark compares against.
 
+Each batcher thread runs the model on ``threads`` intra-op threads (1 by default): on a small
+machine the trainer keeps its own pool, and small serving batches gain little from more.
+
 Device seam: with ``device`` a CUDA device, the worker moves each batch there and runs it on its
 own CUDA stream (created in the worker thread), so serving overlaps the trainer's stream.
 """
@@ -38,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from growclip_daemon.metrics import Metrics
 from growclip_stream.serving import ModelSnapshot
@@ -70,6 +74,7 @@ class BatchLimits:
     max_wait_s: float = 0.005  # longest a first job waits for company
     max_queue_items: int = 1024  # items queued at once; past that, 429
     timeout_s: float = 10.0  # a request's deadline in the queue; past it, 503
+    threads: int = 1  # intra-op (OpenMP) threads of each batcher thread; the trainer's pool is untouched
 
 
 @dataclass
@@ -133,7 +138,8 @@ class Batcher(Generic[Item]):
             self._thread = None
             while self._queue:  # only if the worker did not finish in time
                 job = self._queue.popleft()
-                job.future.set_exception(Overloaded(503, "serving is stopping", "stopping", 1.0))
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(Overloaded(503, "serving is stopping", "stopping", 1.0))
 
     @property
     def queued_items(self) -> int:
@@ -220,6 +226,13 @@ class Batcher(Generic[Item]):
         return taken
 
     def _run(self) -> None:
+        # torch sizes a thread's OpenMP pool at its first parallel op from the process-wide setting;
+        # OpenMP keeps the size per thread, so this limits the batcher, not the trainer.
+        torch.get_num_threads()
+        with threadpool_limits(limits=self.limits.threads, user_api="openmp"):
+            self._serve()
+
+    def _serve(self) -> None:
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         torch.set_grad_enabled(False)
         while True:
@@ -240,6 +253,8 @@ class Batcher(Generic[Item]):
         wait_hist = self.metrics.serve_queue_wait.labels(modality=self.modality)
         ready: list[tuple[_Job[Item], torch.Tensor]] = []
         for job in jobs:
+            if not job.future.set_running_or_notify_cancel():
+                continue  # its request went away (the client disconnected): nothing to answer
             wait_hist.observe(now - job.enqueued)
             if now > job.deadline:
                 self.metrics.serve_rejected.labels(modality=self.modality, reason="deadline").inc()

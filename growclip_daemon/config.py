@@ -93,6 +93,7 @@ class ServeSettings(Strict):
     batch_max_wait_ms: float = Field(5.0, ge=0)
     queue_max_items: int = Field(1024, ge=1)  # items queued per modality; past that, 429
     queue_timeout_s: float = Field(10.0, gt=0)  # a request that would wait longer gets 503
+    batch_threads: int = Field(1, ge=1)  # intra-op threads of each batcher (text, image)
     keep_versions: int = Field(2, ge=1)  # model generations held for pinning (growclip@N), current included
     # embedding drift: this many reserved test images and captions of drift_probe_dataset are
     # embedded by every measured version (0 = off)

@@ -489,6 +489,7 @@ def serve_limits(cfg: DaemonConfig) -> ServeLimits:
             max_wait_s=serve.batch_max_wait_ms / 1000,
             max_queue_items=serve.queue_max_items,
             timeout_s=serve.queue_timeout_s,
+            threads=serve.batch_threads,
         ),
         device=cfg.train.device,
     )

@@ -189,3 +189,39 @@ def test_queue_wait_is_measured(metrics: Metrics, started: list[Batcher[str]]) -
     b.submit(snapshot(), ["x"]).result(timeout=30)
     waited = metrics.registry.get_sample_value("growclip_serve_queue_wait_seconds_sum", {"modality": "text"})
     assert waited is not None and 0.04 <= waited <= time.monotonic() - t0
+
+
+def test_the_batcher_runs_on_its_own_intra_op_threads(metrics: Metrics, started: list[Batcher[str]]) -> None:
+    seen: list[int] = []
+
+    def forward(snap: ModelSnapshot, tokens: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return snap.embed_tokens(tokens)
+
+    before = torch.get_num_threads()
+    b: Batcher[str] = Batcher(
+        "text",
+        prepare=lambda s, t: s.tokenize(t),
+        forward=forward,
+        limits=BatchLimits(threads=1),
+        metrics=metrics,
+    )
+    started.append(b)
+    b.start()
+    b.submit(snapshot(), ["x"]).result(timeout=30)
+    assert seen == [1]
+    assert torch.get_num_threads() == before  # the caller's (the trainer's) pool is untouched
+
+
+def test_a_cancelled_request_is_skipped_and_the_rest_of_its_batch_answered(
+    metrics: Metrics, started: list[Batcher[str]]
+) -> None:
+    snap = snapshot()
+    b = text_batcher(metrics, max_wait_s=0.3)
+    started.append(b)
+    b.start()
+    kept, gone, also_kept = (b.submit(snap, [t]) for t in ("a", "b", "c"))
+    assert gone.cancel()  # its client went away while it was queued
+    assert torch.allclose(kept.result(timeout=30), snap.embed_texts(["a"]), atol=1e-5)
+    assert torch.allclose(also_kept.result(timeout=30), snap.embed_texts(["c"]), atol=1e-5)
+    assert forwards(metrics) == (1, 2)
