@@ -666,11 +666,11 @@ def test_data_limits_apply_to_served_images() -> None:
 
 
 def test_full_queue_answers_429_while_health_and_model_answer(make_api: Any, snap0: ModelSnapshot) -> None:
-    # The batchers wait up to 2 s for 1000 items: the first two requests (4 items) fill the queue.
+    # The batchers wait up to 5 s for 1000 items: the first two requests (4 items) fill the queue.
     limits = ServeLimits(
         max_items=8,
         records=LIMITS.records,
-        batch=BatchLimits(max_batch_items=1000, max_wait_s=2.0, max_queue_items=4),
+        batch=BatchLimits(max_batch_items=1000, max_wait_s=5.0, max_queue_items=4),
     )
     api = make_api(limits=limits)
     api.state.store.publish(snap0)
