@@ -100,8 +100,19 @@ class MetricsObserver:
         self.loss_ema = stats.loss if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * stats.loss
 
     def on_growth(self, event: GrowthEvent) -> None:
-        self.metrics.growth_events.labels(trigger=event.trigger).inc()
-        self.metrics.growth_last_duration.set(event.duration_s)
+        m = self.metrics
+        if event.outcome == "grown":
+            m.growth_events.labels(trigger=event.trigger).inc()
+            m.growth_last_duration.set(event.duration_s)
+        elif event.outcome == "declined":
+            m.growth_declined.inc()
+        else:
+            m.growth_failures.labels(outcome="rolled_back").inc()
+        if event.work:
+            m.growth_search_seconds.set(event.work["growth_seconds"])
+            m.growth_search_flops.set(event.work["growth_flops"])
+            for basis, share in event.work["fractions"].items():
+                m.growth_search_fraction.labels(basis=basis).set(share)
 
     def on_eval(self, loss: float) -> None:
         self.metrics.eval_loss.set(loss)

@@ -204,6 +204,32 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.growth_declined = Counter(
+            "growth_declined",
+            "Growth searches that found no candidate beating the base by more than its noise.",
+            namespace=ns,
+            registry=r,
+        )
+        self.growth_search_seconds = Gauge(
+            "growth_search_seconds",
+            "Wall time spent on growth (supernet training, scoring, guard) since the model was born.",
+            namespace=ns,
+            registry=r,
+        )
+        self.growth_search_flops = Gauge(
+            "growth_search_flops",
+            "FLOPs spent on growth (supernet training, scoring, guard) since the model was born.",
+            namespace=ns,
+            registry=r,
+        )
+        self.growth_search_fraction = Gauge(
+            "growth_search_fraction",
+            "Share of all work (training + growth) that went to growth, by wall time or FLOPs; "
+            "bounded by growth.search_budget_fraction. Updated at every growth decision.",
+            ["basis"],
+            namespace=ns,
+            registry=r,
+        )
 
         # --- ingest / kafka ---------------------------------------------------------------------
         self.ingest_records = Counter(

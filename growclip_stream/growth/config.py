@@ -28,7 +28,7 @@ DEFAULT_SPACE = (
     "widen_mlp:shared+64",
 )
 
-SELECTION_RULES = ("gain_per_flop", "min_loss")
+SELECTION_RULES = ("gain", "min_loss")
 PIM_MODES = ("blend", "ema")
 
 
@@ -57,9 +57,23 @@ class GrowthConfig:
     max_ops_per_step: int = 2  # a candidate combines at most this many templates (different tower/kind)
     supernet_steps: int = 50  # supernet training steps per growth (0: score the inherited weights only)
     supernet_sample_k: int = 2  # random candidates per supernet step, besides the base and the largest
-    # How the held-out scores pick the winner: "gain_per_flop" = (base loss - candidate loss) per
-    # added GFLOP/sample; "min_loss" = lowest held-out loss.
-    selection_rule: Literal["gain_per_flop", "min_loss"] = "gain_per_flop"
+    # How the held-out scores pick the winner among the candidates that beat the base (growth.selection):
+    # "gain" = largest paired gain, then the fewest added FLOPs among gains within noise of it;
+    # "min_loss" = largest gain (lowest held-out loss) alone.
+    selection_rule: Literal["gain", "min_loss"] = "gain"
+    # Decline growth unless a candidate's paired held-out gain over the base exceeds this many
+    # bootstrap standard errors (the noise of the held-out estimate).
+    decline_z: float = 3.0
+    min_gain: float = 1e-3  # ... and by at least this much (nats): growth costs compute for good
+    bootstrap_resamples: int = 1000  # resamples of the held-out samples for that standard error
+    # Search (supernet training + scoring) may take at most this fraction of all training work, by
+    # FLOPs and by wall time: supernet steps and scored samples are sized to fit what is left.
+    search_budget_fraction: float = 0.1
+    # After a growth, train this many steps, then compare the grown model's held-out loss with the
+    # base model's, trained beside it on the same batches; roll back to the base if the grown model is
+    # worse by more than guard_margin. 0 disables the guard.
+    guard_steps: int = 50
+    guard_margin: float = 0.0
     # Held-out samples every candidate is scored on (whole held-out batches up to this many): scoring
     # costs candidates x batches forward passes, so this bounds the selection phase's time.
     selection_samples: int = 256
@@ -74,6 +88,8 @@ class GrowthConfig:
     plateau_patience: int = 200  # steps in the slope window; also the minimum steps since the last growth
     plateau_threshold: float = 1e-4  # fires when the smoothed loss falls slower than this per step
     plateau_smoothing: float = 0.9  # EMA decay applied to the training loss before the slope fit, in [0, 1)
+    plateau_check_every: int = 20  # steps between plateau checks (the slope is noisy step to step)
+    plateau_confirmations: int = 3  # consecutive checks that must all see a plateau before it fires
 
     __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012 - read by the daemon's config validation
 
@@ -105,8 +121,29 @@ class GrowthConfig:
             raise ValueError(f"supernet_sample_k must be an int >= 0, got {self.supernet_sample_k!r}")
         if not _is_int(self.selection_samples) or self.selection_samples < 1:
             raise ValueError(f"selection_samples must be an int >= 1, got {self.selection_samples!r}")
+        if self.selection_rule == "gain_per_flop":
+            raise ValueError(
+                "selection_rule 'gain_per_flop' was removed (dividing by added FLOPs favoured the cheapest "
+                "operators by construction); use 'gain' (parsimony only among gains within noise)"
+            )
         if self.selection_rule not in SELECTION_RULES:
             raise ValueError(f"selection_rule must be one of {SELECTION_RULES}, got {self.selection_rule!r}")
+        if not self.decline_z >= 0:
+            raise ValueError(f"decline_z must be >= 0, got {self.decline_z!r}")
+        if not self.min_gain >= 0:
+            raise ValueError(f"min_gain must be >= 0, got {self.min_gain!r}")
+        if not _is_int(self.bootstrap_resamples) or self.bootstrap_resamples < 2:
+            raise ValueError(f"bootstrap_resamples must be an int >= 2, got {self.bootstrap_resamples!r}")
+        if not 0.0 < self.search_budget_fraction < 1.0:
+            raise ValueError(f"search_budget_fraction must be in (0, 1), got {self.search_budget_fraction!r}")
+        if not _is_int(self.guard_steps) or self.guard_steps < 0:
+            raise ValueError(f"guard_steps must be an int >= 0, got {self.guard_steps!r}")
+        if not self.guard_margin >= 0:
+            raise ValueError(f"guard_margin must be >= 0, got {self.guard_margin!r}")
+        if not _is_int(self.plateau_check_every) or self.plateau_check_every < 1:
+            raise ValueError(f"plateau_check_every must be an int >= 1, got {self.plateau_check_every!r}")
+        if not _is_int(self.plateau_confirmations) or self.plateau_confirmations < 1:
+            raise ValueError(f"plateau_confirmations must be an int >= 1, got {self.plateau_confirmations!r}")
         if self.pim_mode not in PIM_MODES:
             raise ValueError(f"pim_mode must be one of {PIM_MODES}, got {self.pim_mode!r}")
         if not 0.0 <= self.momentum <= 1.0:

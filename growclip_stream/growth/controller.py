@@ -15,21 +15,30 @@ The trainer swaps the model in between (rebuilding its optimizer, carrying state
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Protocol
 
 import torch
 
 from growclip_stream.batch import Batch
+from growclip_stream.growth.budget import TRAIN_FLOPS_FACTOR, WorkLedger
 from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.growth.operators import GrowthOp, apply_ops, grow_arch
 from growclip_stream.growth.pim import WeightEMA, blend, carry_optimizer_state, ema_inherit
 from growclip_stream.growth.plateau import LossSmoother, PlateauState, PlateauTrigger
 from growclip_stream.growth.selection import score_candidates, select
-from growclip_stream.growth.space import Candidate, candidate_set, canonical_ops, rejected_candidates
-from growclip_stream.growth.supernet import Supernet
+from growclip_stream.growth.space import (
+    Candidate,
+    candidate_set,
+    canonical_ops,
+    make_candidate,
+    rejected_candidates,
+)
+from growclip_stream.growth.supernet import Supernet, union_ops
 from growclip_stream.growth.triggers import DataVolumeTrigger, TriggerState
 from growclip_stream.model import ArchConfig, GrowCLIP
 from growclip_stream.optim import OptimizerSettings
@@ -57,6 +66,7 @@ class GrowthPlan:
     candidate: Candidate | None = None
     phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     supernet_stats: dict[str, Any] = field(default_factory=dict)
+    declined: bool = False  # no candidate beat the base: record it, grow nothing
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,13 @@ class GrowthEvent:
     policy: str = "plan"
     pim: dict[str, Any] = field(default_factory=dict)  # mode, momentum, optimizer-state carry counts
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
-    supernet: dict[str, Any] = field(default_factory=dict)  # supernet size and training figures
+    supernet: dict[str, Any] = field(default_factory=dict)  # supernet size, training and budget figures
+    # "grown"; "declined" (no candidate beat the base: nothing changed, the generation stays);
+    # "rolled_back" (the guard found the growth of generation - 1 worse than the base trained beside
+    # it and restored that base: a new generation with the base's architecture)
+    outcome: str = "grown"
+    guard: dict[str, Any] = field(default_factory=dict)  # the guard's losses and verdict, once known
+    work: dict[str, Any] = field(default_factory=dict)  # training vs growth work so far (growth.budget)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -90,6 +106,8 @@ class GrowthEvent:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GrowthEvent:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
         return cls(**{**d, "ops": tuple(d["ops"]), "candidates": tuple(dict(c) for c in d["candidates"])})
 
 
@@ -142,7 +160,8 @@ class PhaseListener(Protocol):
 
 
 class GrowthController:
-    """Owns the growth decisions, the state they depend on (loss trend, weight EMA) and the history."""
+    """Owns the growth decisions, the state they depend on (loss trend, weight EMA, work ledger) and
+    the history of every decision (growths, declines, roll-backs)."""
 
     def __init__(
         self, cfg: GrowthConfig, train_cfg: OptimizerSettings, on_phase: PhaseListener | None = None
@@ -154,16 +173,20 @@ class GrowthController:
             PlateauTrigger(cfg.plateau_patience, cfg.plateau_threshold) if cfg.plateau_enabled else None
         )
         self.smoother = LossSmoother(cfg.plateau_smoothing, window=cfg.plateau_patience)
+        self.plateau_hits = 0  # consecutive plateau checks that saw a plateau
         self.plan_policy = ScheduledPolicy(cfg)
         self.ema: WeightEMA | None = None
         self.history: list[GrowthEvent] = []
+        self.work = WorkLedger()
         self.samples_at_last_growth = 0
         self.step_at_last_growth = 0
+        self.last_refusal = ""  # why the last search returned no plan (for the caller's log)
         self._on_phase = on_phase or (lambda phase: None)
 
     @property
     def generation(self) -> int:
-        return len(self.history)
+        """Architecture generation of the training model: growths and roll-backs so far."""
+        return sum(1 for e in self.history if e.outcome != "declined")
 
     def growth_generator(self) -> torch.Generator:
         """The random draws (split proportions, new units) of the next growth.
@@ -175,12 +198,15 @@ class GrowthController:
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
     def capped(self) -> bool:
-        return self.cfg.max_growths > 0 and self.generation >= self.cfg.max_growths
+        grown = sum(1 for e in self.history if e.outcome == "grown")
+        return self.cfg.max_growths > 0 and grown >= self.cfg.max_growths
 
     # -- every step --------------------------------------------------------------------------
-    def observe_step(self, model: GrowCLIP, loss: float) -> None:
-        """Feed the loss trend (plateau trigger) and the weight EMA (PIM mode "ema")."""
+    def observe_step(self, model: GrowCLIP, loss: float, *, samples: int = 0, seconds: float = 0.0) -> None:
+        """Feed the loss trend (plateau trigger), the weight EMA (PIM mode "ema") and the work ledger
+        (`samples` trained in `seconds`)."""
         self.smoother.update(loss)
+        self.work.add_train(seconds, TRAIN_FLOPS_FACTOR * model.arch.flops_per_sample() * samples)
         if self.cfg.pim_mode == "ema":
             if self.ema is None or self.ema.arch != model.arch:
                 self.ema = WeightEMA(model, self.cfg.ema_decay)
@@ -188,21 +214,32 @@ class GrowthController:
                 self.ema.update(model)
 
     def due(self, *, samples: int, step: int, num_params: int) -> str | None:
-        """Name of the trigger that fires now, or None."""
+        """Name of the trigger that fires now, or None.
+
+        The plateau trigger is checked every `plateau_check_every` steps and fires only after
+        `plateau_confirmations` consecutive checks all saw a plateau: one noisy slope does not grow.
+        """
         if not self.cfg.enabled or self.capped():
             return None
         if self.volume.fires(TriggerState(samples - self.samples_at_last_growth, num_params)):
             return self.volume.name
-        if self.plateau is not None and self.plateau.fires(
-            PlateauState(tuple(self.smoother.values), step - self.step_at_last_growth)
-        ):
-            return self.plateau.name
+        since = step - self.step_at_last_growth
+        if self.plateau is not None and since > 0 and since % self.cfg.plateau_check_every == 0:
+            if self.plateau.fires(PlateauState(tuple(self.smoother.values), since)):
+                self.plateau_hits += 1
+            else:
+                self.plateau_hits = 0
+            if self.plateau_hits >= self.cfg.plateau_confirmations:
+                return self.plateau.name
         return None
 
     def defer(self, *, samples: int, step: int) -> None:
-        """Count a refused growth (nothing fits, no held-out data) as done: no retry at every step."""
+        """Restart the triggers after a growth decision (grown, declined, or refused: no retry at
+        every step): the loss window and plateau checks start over on the model as it is now."""
         self.samples_at_last_growth = samples
         self.step_at_last_growth = step
+        self.smoother = LossSmoother(self.cfg.plateau_smoothing, window=self.cfg.plateau_patience)
+        self.plateau_hits = 0
 
     # -- phase 1: search ---------------------------------------------------------------------
     def search(
@@ -214,19 +251,38 @@ class GrowthController:
         holdout_batches: Sequence[Batch],
         optimizer: torch.optim.Optimizer | None = None,
     ) -> GrowthPlan | None:
-        """Choose what to grow into; `model` is only read. None when nothing fits the bounds."""
+        """Choose what to grow into, or decline; `model` is only read. None when nothing can be
+        searched (nothing fits the bounds, no held-out data, no search budget left: `last_refusal`).
+
+        The search is sized to its budget (`search_budget_fraction` of all work so far, by FLOPs and
+        by wall time): scoring whole held-out batches first, then as many supernet steps as the rest
+        allows, up to `supernet_steps`. A forced growth (an operator's explicit request) is not
+        bounded. The work it did is added to the ledger.
+        """
+        self.last_refusal = ""
         if self.cfg.policy == "plan":
             self._on_phase("selecting")
             choice = self.plan_policy.choose(model)
             if choice is None:
+                self.last_refusal = "no operator of the plan fits the bounds"
                 return None
             return GrowthPlan(trigger=trigger, choice=choice, base_arch=model.arch)
         holdout_batches = _bounded(holdout_batches, self.cfg.selection_samples)
-        if not holdout_batches:
-            return None  # scoring needs held-out data
         candidates = candidate_set(model.arch, self.cfg)
-        if not candidates:
+        if not holdout_batches or not candidates:
+            self.last_refusal = (
+                "no held-out data yet" if not holdout_batches else "no candidate fits the bounds"
+            )
             return None
+        first = next(train_batches, None)
+        if first is None:
+            self.last_refusal = "no training data for the supernet"
+            return None
+        train_batches = itertools.chain([first], train_batches)
+        sizing = self._size_search(model.arch, candidates, holdout_batches, len(first), trigger == "forced")
+        if sizing is None:
+            return None
+        holdout_batches, steps, deadline, budget = sizing
         phases: dict[str, float] = {}
         self._on_phase("training_supernet")
         start = time.perf_counter()
@@ -236,28 +292,90 @@ class GrowthController:
         )  # fmt: skip
         if optimizer is not None:
             carry_optimizer_state(model, optimizer, supernet.model, supernet.optimizer, supernet.ops)
-        stats = supernet.train(train_batches, self.cfg.supernet_steps)
+        stats = supernet.train(train_batches, steps, deadline=deadline)
         phases["supernet_s"] = time.perf_counter() - start
         self._on_phase("selecting")
         start = time.perf_counter()
-        scores = score_candidates(supernet, candidates, holdout_batches, rule=self.cfg.selection_rule)
-        best = select(scores)
+        scores = score_candidates(
+            supernet, candidates, holdout_batches, rule=self.cfg.selection_rule,
+            decline_z=self.cfg.decline_z, min_gain=self.cfg.min_gain, resamples=self.cfg.bootstrap_resamples,
+            seed=self.cfg.seed + self.generation,
+        )  # fmt: skip
+        chosen = select(
+            scores, decline_z=self.cfg.decline_z, resamples=self.cfg.bootstrap_resamples,
+            seed=self.cfg.seed + self.generation,
+        )  # fmt: skip
         phases["selection_s"] = time.perf_counter() - start
+        scored = sum(len(b) for b in holdout_batches)
+        scoring_flops = float(scored * (model.arch.flops_per_sample() + sum(c.flops for c in candidates)))
+        self.work.add_growth(phases["supernet_s"] + phases["selection_s"], supernet.flops + scoring_flops)
         considered = [s.to_dict() for s in scores] + rejected_candidates(model.arch, self.cfg)
-        stats = {**stats, "params": supernet.arch.num_params(), "ops": [str(o) for o in supernet.ops]}
+        stats = {
+            **stats, "params": supernet.arch.num_params(), "ops": [str(o) for o in supernet.ops],
+            "budget": {**budget, "scoring_flops": scoring_flops,
+                       "search_flops": supernet.flops + scoring_flops},
+        }  # fmt: skip
+        winner = chosen.winner
         return GrowthPlan(
             trigger=trigger,
-            choice=GrowthChoice(ops=best.ops, reason=best.reason, candidates=tuple(considered)),
+            choice=GrowthChoice(
+                ops=winner.ops if winner else (), reason=chosen.reason, candidates=tuple(considered)
+            ),
             base_arch=model.arch,
             supernet=supernet,
-            candidate=best.candidate,
+            candidate=winner.candidate if winner else None,
             phases=phases,
             supernet_stats=stats,
+            declined=winner is None,
         )
+
+    def _size_search(
+        self, arch: ArchConfig, candidates: Sequence[Candidate], holdout: list[Batch], batch_size: int,
+        forced: bool,
+    ) -> tuple[list[Batch], int, float | None, dict[str, Any]] | None:  # fmt: skip
+        """(held-out batches to score, supernet steps, wall-time deadline, figures) within the budget."""
+        allow_flops, allow_s = (
+            (math.inf, math.inf) if forced else self.work.allowance(self.cfg.search_budget_fraction)
+        )
+        per_sample = float(arch.flops_per_sample() + sum(c.flops for c in candidates))  # base + candidates
+        full = make_candidate(arch, union_ops(candidates)).flops
+        mean_cand = sum(c.flops for c in candidates) / len(candidates)
+        members = (
+            arch.flops_per_sample() + full + min(self.cfg.supernet_sample_k, len(candidates)) * mean_cand
+        )
+        step_flops = float(TRAIN_FLOPS_FACTOR * batch_size * members)
+        kept: list[Batch] = []
+        for batch in holdout:  # whole batches, as many as the budget pays for
+            if (sum(len(b) for b in kept) + len(batch)) * per_sample > allow_flops:
+                break
+            kept.append(batch)
+        scoring = sum(len(b) for b in kept) * per_sample
+        steps = self.cfg.supernet_steps if kept else 0
+        if kept and math.isfinite(allow_flops):
+            steps = min(steps, int((allow_flops - scoring) // step_flops))
+        figures = {
+            "forced": forced, "allowance_flops": _finite_or_none(allow_flops),
+            "allowance_s": _finite_or_none(allow_s), "planned_steps": steps,
+            "scored_samples": sum(len(b) for b in kept),
+        }  # fmt: skip
+        if not kept or (self.cfg.supernet_steps > 0 and steps == 0):
+            self.last_refusal = (
+                f"search budget: {allow_flops:.3g} FLOPs left of search_budget_fraction "
+                f"{self.cfg.search_budget_fraction}, too little for a supernet step and one held-out batch"
+            )
+            return None
+        deadline = None
+        pace = self.work.seconds_per_flop()
+        if math.isfinite(allow_s):
+            reserve = scoring * pace if pace is not None else 0.0
+            deadline = time.perf_counter() + max(0.0, allow_s - reserve)
+        return kept, steps, deadline, figures
 
     # -- phase 2: inherit --------------------------------------------------------------------
     def inherit(self, plan: GrowthPlan, model: GrowCLIP) -> GrowCLIP:
         """PIM from `model` as it is now (its architecture must still be the plan's base)."""
+        if plan.declined:
+            raise ValueError("the search declined to grow; record_declined instead")
         if model.arch != plan.base_arch:
             raise ValueError("the model changed shape since the search; search again")
         self._on_phase("inheriting")
@@ -275,12 +393,12 @@ class GrowthController:
         return grown
 
     # -- phase 3: record ---------------------------------------------------------------------
-    def record(
-        self, plan: GrowthPlan, grown: GrowCLIP, *, step: int, samples: int, duration_s: float,
-        optimizer_carry: dict[str, int] | None = None,
+    def _event(
+        self, plan: GrowthPlan, arch_after: ArchConfig, *, step: int, samples: int, duration_s: float,
+        outcome: str, optimizer_carry: dict[str, int] | None = None,
     ) -> GrowthEvent:  # fmt: skip
-        event = GrowthEvent(
-            generation=self.generation + 1,
+        return GrowthEvent(
+            generation=self.generation + (0 if outcome == "declined" else 1),
             step=step,
             samples=samples,
             trigger=plan.trigger,
@@ -288,10 +406,10 @@ class GrowthController:
             reason=plan.choice.reason,
             candidates=plan.choice.candidates,
             params_before=plan.base_arch.num_params(),
-            params_after=grown.arch.num_params(),
+            params_after=arch_after.num_params(),
             flops_before=plan.base_arch.flops_per_sample(),
-            flops_after=grown.arch.flops_per_sample(),
-            arch_after=grown.arch.to_dict(),
+            flops_after=arch_after.flops_per_sample(),
+            arch_after=arch_after.to_dict(),
             duration_s=duration_s,
             finished_at=time.time(),
             policy=self.cfg.policy,
@@ -302,11 +420,70 @@ class GrowthController:
             },
             phases=dict(plan.phases),
             supernet=dict(plan.supernet_stats),
+            outcome=outcome,
+            work=self.work.to_dict(),
         )
+
+    def record(
+        self, plan: GrowthPlan, grown: GrowCLIP, *, step: int, samples: int, duration_s: float,
+        optimizer_carry: dict[str, int] | None = None,
+    ) -> GrowthEvent:  # fmt: skip
+        event = self._event(
+            plan, grown.arch, step=step, samples=samples, duration_s=duration_s, outcome="grown",
+            optimizer_carry=optimizer_carry,
+        )  # fmt: skip
         self.history.append(event)
         self.defer(samples=samples, step=step)
         self.ema = None  # restarts from the grown weights at the next step
         self._on_phase("done")
+        return event
+
+    def record_declined(self, plan: GrowthPlan, *, step: int, samples: int, duration_s: float) -> GrowthEvent:
+        """A search that found no candidate beating the base: kept in the history with every score."""
+        event = self._event(
+            plan, plan.base_arch, step=step, samples=samples, duration_s=duration_s, outcome="declined"
+        )
+        self.history.append(event)
+        self.defer(samples=samples, step=step)
+        self._on_phase("done")
+        return event
+
+    def record_guard(self, guard: dict[str, Any], *, rolled_back_to: GrowCLIP | None, step: int, samples: int
+    ) -> GrowthEvent | None:  # fmt: skip
+        """The guard's verdict on the last growth (added to its event); with `rolled_back_to` (the
+        base model, trained beside it), also a roll-back event: a new generation of the base's shape."""
+        last = max(i for i, e in enumerate(self.history) if e.outcome == "grown")
+        grown = self.history[last]
+        self.history[last] = replace(grown, guard=dict(guard))
+        if rolled_back_to is None:
+            return None
+        event = GrowthEvent(
+            generation=self.generation + 1,
+            step=step,
+            samples=samples,
+            trigger="guard",
+            ops=(),
+            reason=(
+                f"rolled back generation {grown.generation} ({','.join(grown.ops)}): held-out loss "
+                f"{guard['grown_loss']:.4f} after {guard['steps']} steps vs {guard['base_loss']:.4f} for the "
+                f"base trained beside it on the same batches"
+            ),
+            candidates=(),
+            params_before=grown.params_after,
+            params_after=rolled_back_to.arch.num_params(),
+            flops_before=grown.flops_after,
+            flops_after=rolled_back_to.arch.flops_per_sample(),
+            arch_after=rolled_back_to.arch.to_dict(),
+            duration_s=0.0,
+            finished_at=time.time(),
+            policy=self.cfg.policy,
+            outcome="rolled_back",
+            guard=dict(guard),
+            work=self.work.to_dict(),
+        )
+        self.history.append(event)
+        self.defer(samples=samples, step=step)
+        self.ema = None
         return event
 
     def grow(
@@ -320,7 +497,8 @@ class GrowthController:
         holdout_batches: Sequence[Batch] = (),
         optimizer: torch.optim.Optimizer | None = None,
     ) -> tuple[GrowCLIP, GrowthEvent] | None:
-        """All three phases in one call (the optimizer swap is the caller's); None when nothing fits."""
+        """All three phases in one call (the optimizer swap is the caller's); None when nothing was
+        grown (nothing fits, or declined: then the decline is in the history)."""
         start = time.perf_counter()
         plan = self.search(
             model, trigger=trigger, train_batches=train_batches or iter(()), holdout_batches=holdout_batches,
@@ -328,6 +506,9 @@ class GrowthController:
         )  # fmt: skip
         if plan is None:
             self.defer(samples=samples, step=step)
+            return None
+        if plan.declined:
+            self.record_declined(plan, step=step, samples=samples, duration_s=time.perf_counter() - start)
             return None
         grown = self.inherit(plan, model)
         return grown, self.record(
@@ -342,6 +523,8 @@ class GrowthController:
             "step_at_last_growth": self.step_at_last_growth,
             "policy": self.plan_policy.state_dict(),
             "smoother": self.smoother.state_dict(),
+            "plateau_hits": self.plateau_hits,
+            "work": self.work.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -351,6 +534,12 @@ class GrowthController:
         self.step_at_last_growth = int(state.get("step_at_last_growth", 0))
         self.plan_policy.load_state_dict(state.get("policy", {}))
         self.smoother.load_state_dict(state.get("smoother", {}))
+        self.plateau_hits = int(state.get("plateau_hits", 0))
+        self.work.load_state_dict(state.get("work", {}))
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _bounded(batches: Sequence[Batch], max_samples: int) -> list[Batch]:

@@ -1,26 +1,37 @@
-"""Scoring growth candidates on held-out data and picking one, with the reason recorded.
+"""Scoring growth candidates on held-out data and picking one - or declining to grow - with the reason.
 
-Each candidate runs on the supernet's shared weights (`Supernet.forward_candidate`) over the held-out
-batches and gets two measurements:
+Each candidate, and the no-growth base (`Supernet.reference`, trained by the same supernet steps so
+that a candidate's gain measures its extra capacity, not the extra training every sub-network got),
+runs on the supernet's shared weights over the same held-out batches. Measured per candidate:
 
-- `val_loss`: the symmetric contrastive loss, averaged over samples (batches of equal size keep it
-  comparable across evaluations; the loop scores on full held-out batches only);
-- `zero_shot_top1`: a zero-shot retrieval proxy, image->text top-1 within each batch (the fraction of
-  images whose own caption scores highest among the batch's captions).
+- `val_loss`: the contrastive loss, averaged over samples, and each sample's share of it
+  (`ClipLoss.per_sample`);
+- `zero_shot_top1`: a zero-shot retrieval proxy, image->text top-1 within each batch.
 
-Rules (`GrowthConfig.selection_rule`), higher `score` is better:
+**Paired gain and its noise.** The gain is the mean over held-out samples of (base loss − candidate
+loss) for the *same* sample, so what both models find hard cancels out. Its noise is the standard
+error of that mean estimated by bootstrap: resample the samples with replacement
+(`bootstrap_resamples` times, seeded), take the mean paired difference each time, and use the
+standard deviation of those means. (Samples of one batch share negatives, so they are not quite
+independent; the bootstrap treats them as if they were.)
 
-- ``gain_per_flop`` (default): (base_loss - val_loss) / added GFLOPs per sample. Growth costs compute
-  for the rest of the model's life, so a candidate must earn its FLOPs. Candidates that do not lower
-  the loss below the base are ranked after every candidate that does (a negative gain divided by
-  more FLOPs would otherwise look *better*), among themselves by lowest loss.
-- ``min_loss``: score = -val_loss.
+**Decline.** A candidate *beats the base* when its gain exceeds `decline_z` standard errors and
+`min_gain` (an absolute floor: growth costs compute for good, and float rounding alone makes
+tiny, "significant" differences between sub-networks that compute the same function). When none
+does, there is no growth: the decision is recorded as declined, with every score. With K candidates,
+each null candidate passes by chance with probability about Φ(−z), so the default z = 3 (0.13%)
+keeps the chance that any of ~20 passes by noise near 3%.
 
-Ties go to fewer added FLOPs, then to the earlier candidate of the space's deterministic order.
+**Rules** (`GrowthConfig.selection_rule`), among the candidates that beat the base:
 
-`base_loss` is the reference loss. By default it is the supernet's no-growth sub-network
-(`Supernet.reference`) on the same batches, trained by the same supernet steps, so a candidate's gain
-measures its extra capacity and not the extra training every sub-network received.
+- ``gain`` (default): the largest gain, then parsimony: the candidate with the fewest added FLOPs
+  whose gain is not distinguishable from the best one's (the paired difference between the two is
+  within `decline_z` bootstrap standard errors). Cost only breaks ties the data cannot resolve, so
+  the rule is not biased toward cheap operators by construction (dividing by added FLOPs, which span
+  ~20x across candidates, was).
+- ``min_loss``: the largest gain (lowest held-out loss), no parsimony.
+
+Exact ties go to fewer added FLOPs, then to the earlier candidate of the space's deterministic order.
 """
 
 from __future__ import annotations
@@ -38,9 +49,19 @@ from growclip_stream.growth.space import Candidate
 from growclip_stream.growth.supernet import Supernet
 from growclip_stream.model.clip import ArchConfig, ClipLoss, ClipOutput
 
-__all__ = ["RULES", "CandidateScore", "HoldoutMetrics", "evaluate", "rank", "score_candidates", "select"]
+__all__ = [
+    "RULES",
+    "CandidateScore",
+    "HoldoutMetrics",
+    "Selection",
+    "bootstrap_se",
+    "evaluate",
+    "rank",
+    "score_candidates",
+    "select",
+]
 
-RULES = ("gain_per_flop", "min_loss")
+RULES = ("gain", "min_loss")
 GFLOP = 1e9
 
 
@@ -49,6 +70,7 @@ class HoldoutMetrics:
     loss: float  # mean contrastive loss per sample
     top1: float  # image->text top-1 within each batch
     samples: int
+    per_sample: torch.Tensor = field(default_factory=lambda: torch.zeros(0), repr=False, compare=False)
 
 
 @torch.no_grad()
@@ -57,12 +79,13 @@ def evaluate(
     batches: Iterable[Batch],
     device: torch.device,
 ) -> HoldoutMetrics:
-    """Held-out loss and in-batch retrieval top-1 of `forward(images, tokens)` over `batches`."""
+    """Held-out loss (and each sample's share of it) and in-batch retrieval top-1 of `forward`."""
     loss_fn = ClipLoss()
-    loss_sum, hits, count = 0.0, 0, 0
+    losses: list[torch.Tensor] = []
+    hits, count = 0, 0
     for batch in batches:
         out = forward(batch.images.to(device), batch.tokens.to(device))
-        loss_sum += float(loss_fn(out)) * len(batch)
+        losses.append(loss_fn.per_sample(out).detach().to("cpu", torch.float64))
         sims = out.image_embeds @ out.text_embeds.T  # (B, B) image x text
         best = sims.argmax(dim=1)  # (B,) the text each image retrieves
         rows = torch.arange(len(batch), device=sims.device)
@@ -72,7 +95,18 @@ def evaluate(
         count += len(batch)
     if count == 0:
         raise ValueError("no held-out samples to score candidates on")
-    return HoldoutMetrics(loss_sum / count, hits / count, count)
+    per_sample = torch.cat(losses)
+    return HoldoutMetrics(float(per_sample.mean()), hits / count, count, per_sample)
+
+
+def bootstrap_se(diffs: torch.Tensor, resamples: int, seed: int = 0) -> float:
+    """Bootstrap standard error of the mean of `diffs` (paired per-sample differences)."""
+    n = diffs.numel()
+    if n < 2 or resamples < 2:
+        return math.inf
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (resamples, n), generator=g)
+    return float(diffs.to(torch.float64)[idx].mean(dim=1).std())
 
 
 def _finite(x: float) -> float | None:
@@ -90,16 +124,20 @@ class CandidateScore:
     val_loss: float
     zero_shot_top1: float
     base_loss: float
-    gain: float  # base_loss - val_loss (positive: the candidate is better than the base)
+    gain: float  # mean paired (base loss - candidate loss) per held-out sample; positive: better
+    gain_se: float  # bootstrap standard error of `gain`
+    margin: float  # max(decline_z x gain_se, min_gain): the gain must exceed it to beat the base
     score: float  # under `rule`; higher is better
     rule: str
     samples: int  # held-out samples scored
     reason: str = ""  # filled in by `select` for the winner
     candidate: Candidate | None = field(default=None, repr=False, compare=False)
+    per_sample: torch.Tensor | None = field(default=None, repr=False, compare=False)  # losses
 
     @property
-    def improves(self) -> bool:
-        return self.gain > 0
+    def beats_base(self) -> bool:
+        """The gain is larger than the noise of its held-out estimate (see the module docstring)."""
+        return math.isfinite(self.gain) and self.gain > self.margin
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe (non-finite numbers become null), for the growth history."""
@@ -114,6 +152,9 @@ class CandidateScore:
             "zero_shot_top1": _finite(self.zero_shot_top1),
             "base_loss": _finite(self.base_loss),
             "gain": _finite(self.gain),
+            "gain_se": _finite(self.gain_se),
+            "margin": _finite(self.margin),
+            "beats_base": self.beats_base,
             "score": _finite(self.score),
             "rule": self.rule,
             "samples": self.samples,
@@ -121,99 +162,117 @@ class CandidateScore:
         }
 
 
-def _score(rule: str, gain: float, val_loss: float, added_flops: int) -> float:
-    if rule == "gain_per_flop":
-        return gain / (max(added_flops, 1) / GFLOP)
-    return -val_loss
-
-
 def score_candidates(
     supernet: Supernet,
     candidates: Sequence[Candidate],
     holdout_batches: Sequence[Batch],
-    base_loss: float | None = None,
-    rule: str = "gain_per_flop",
+    *,
+    rule: str = "gain",
+    decline_z: float = 3.0,
+    min_gain: float = 1e-3,
+    resamples: int = 1000,
+    seed: int = 0,
 ) -> list[CandidateScore]:
-    """Score every candidate on the held-out batches, in the order given.
-
-    `base_loss` None: measure the supernet's no-growth sub-network on the same batches (see the
-    module docstring); pass the current model's held-out loss to compare against that instead.
-    """
+    """Score every candidate against the supernet's no-growth base on the same held-out samples."""
     if rule not in RULES:
         raise ValueError(f"selection rule must be one of {RULES}, got {rule!r}")
     device = supernet.initial_state["proj.weight"].device
-    base: ArchConfig = supernet.base_arch
+    base_arch: ArchConfig = supernet.base_arch
 
     def metrics(cand: Candidate) -> HoldoutMetrics:
         return evaluate(lambda i, t: supernet.forward_candidate(cand, i, t), holdout_batches, device)
 
-    if base_loss is None:
-        base_loss = metrics(supernet.reference).loss
+    base = metrics(supernet.reference)
     out = []
     for cand in candidates:
         m = metrics(cand)
-        gain = base_loss - m.loss
-        added_flops = cand.added_flops(base)
+        diffs = base.per_sample - m.per_sample
+        gain = float(diffs.mean())
+        se = bootstrap_se(diffs, resamples, seed)
         out.append(
             CandidateScore(
                 name=cand.name,
                 ops=cand.ops,
                 params=cand.params,
                 flops=cand.flops,
-                added_params=cand.added_params(base),
-                added_flops=added_flops,
+                added_params=cand.added_params(base_arch),
+                added_flops=cand.added_flops(base_arch),
                 val_loss=m.loss,
                 zero_shot_top1=m.top1,
-                base_loss=base_loss,
+                base_loss=base.loss,
                 gain=gain,
-                score=_score(rule, gain, m.loss, added_flops),
+                gain_se=se,
+                margin=max(decline_z * se, min_gain),
+                score=gain if rule == "gain" else -m.loss,
                 rule=rule,
                 samples=m.samples,
                 candidate=cand,
+                per_sample=m.per_sample,
             )
         )
     return out
 
 
 def _key(s: CandidateScore) -> tuple[float, float, float]:
-    loss = s.val_loss if math.isfinite(s.val_loss) else math.inf
-    if s.rule == "gain_per_flop":
-        primary = (1.0, s.score) if s.improves and math.isfinite(s.score) else (0.0, -loss)
-    else:
-        primary = (1.0, -loss)
-    return (primary[0], primary[1], -float(s.added_flops))
+    score = s.score if math.isfinite(s.score) else -math.inf
+    return (1.0 if s.beats_base else 0.0, score, -float(s.added_flops))
 
 
 def rank(scores: Sequence[CandidateScore]) -> list[CandidateScore]:
-    """Best first; a stable sort, so exact ties keep the space's order."""
+    """Best first (those beating the base first); a stable sort, so exact ties keep the space's order."""
     return sorted(scores, key=_key, reverse=True)
 
 
 def _describe(s: CandidateScore) -> str:
     return (
-        f"val_loss {s.val_loss:.4f} (base {s.base_loss:.4f}), zero-shot top-1 {s.zero_shot_top1:.3f}, "
-        f"+{s.added_flops / GFLOP:.4g} GFLOPs/sample, +{s.added_params} params"
+        f"val_loss {s.val_loss:.4f} (base {s.base_loss:.4f}), gain {s.gain:.4g} ± {s.gain_se:.2g} "
+        f"(s.e.), zero-shot top-1 {s.zero_shot_top1:.3f}, +{s.added_flops / GFLOP:.4g} GFLOPs/sample, "
+        f"+{s.added_params} params"
     )
 
 
-def select(scores: Sequence[CandidateScore]) -> CandidateScore:
-    """The best candidate, with `reason` saying why it won and against whom."""
+@dataclass(frozen=True)
+class Selection:
+    """`select`'s answer: the winner (None: growth declined) and why."""
+
+    winner: CandidateScore | None
+    reason: str
+
+    @property
+    def declined(self) -> bool:
+        return self.winner is None
+
+
+def select(
+    scores: Sequence[CandidateScore], *, decline_z: float = 3.0, resamples: int = 1000, seed: int = 0
+) -> Selection:
+    """The winner under the scores' rule, or a decline when no candidate beats the base."""
     if not scores:
         raise ValueError("no candidates to select from")
     ranked = rank(scores)
     best = ranked[0]
-    runner = ranked[1] if len(ranked) > 1 else None
-    if best.rule == "gain_per_flop" and best.improves:
-        what = f"lowest loss per added GFLOP: {best.score:.4g}/GFLOP"
-        vs = f" vs next {runner.score:.4g}/GFLOP ({runner.name})" if runner and runner.improves else ""
-        if runner and not runner.improves:
-            vs = f" vs next {runner.name}, which does not beat the base"
-    elif best.rule == "gain_per_flop":
-        what = f"no candidate beats the base loss {best.base_loss:.4f}; lowest loss {best.val_loss:.4f}"
-        vs = f" vs next {runner.val_loss:.4f} ({runner.name})" if runner else ""
-    else:
-        what = f"lowest held-out loss: {best.val_loss:.4f}"
-        vs = f" vs next {runner.val_loss:.4f} ({runner.name})" if runner else ""
-    if not vs:
-        vs = " (the only candidate)" if runner is None else ""
-    return replace(best, reason=f"won: {what}{vs}; {_describe(best)}")
+    if not best.beats_base:
+        return Selection(
+            None,
+            f"declined: no candidate beats the base loss {best.base_loss:.4f} by more than "
+            f"its margin ({decline_z:g} bootstrap standard errors of its paired gain, at least the "
+            f"configured minimum gain); the best, {best.name}, "
+            f"gained {best.gain:.4g} against a margin of {best.margin:.4g}",
+        )
+    winner, why = best, "largest held-out gain over the base"
+    if best.rule == "gain" and best.per_sample is not None:
+        for other in sorted(ranked[1:], key=lambda s: s.added_flops):
+            if not other.beats_base or other.added_flops >= winner.added_flops or other.per_sample is None:
+                continue
+            diff = other.per_sample - best.per_sample  # best's extra gain over `other`, per sample
+            if float(diff.mean()) <= decline_z * bootstrap_se(diff, resamples, seed):
+                winner = other
+                why = (
+                    f"fewest added FLOPs among the candidates whose gain is within noise of the "
+                    f"largest ({best.name}, gain {best.gain:.4g})"
+                )
+                break
+    runner = next((s for s in ranked if s is not winner), None)
+    vs = f" vs next {runner.name} (gain {runner.gain:.4g})" if runner is not None else " (the only candidate)"
+    reason = f"won: {why}{vs}; {_describe(winner)}"
+    return Selection(replace(winner, reason=reason), reason)

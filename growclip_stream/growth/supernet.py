@@ -49,6 +49,7 @@ import torch
 from torch.func import functional_call
 
 from growclip_stream.batch import Batch
+from growclip_stream.growth.budget import TRAIN_FLOPS_FACTOR
 from growclip_stream.growth.layout import axes, block_index
 from growclip_stream.growth.operators import GrowthOp, apply_ops
 from growclip_stream.growth.space import Candidate, canonical_ops, make_candidate
@@ -160,6 +161,7 @@ class Supernet:
         self.loss_fn = ClipLoss()
         self.sample_k = sample_k
         self.steps = 0
+        self.flops = 0.0  # training FLOPs spent so far (TRAIN_FLOPS_FACTOR x forward, per member)
         self._rng = random.Random(seed)
         self._skeletons: dict[ArchConfig, GrowCLIP] = {}
         self.full = Candidate(self.ops, self.arch)  # the whole supernet: the top of the sandwich
@@ -237,6 +239,7 @@ class Supernet:
             loss = self.loss_fn(self.forward_candidate(cand, images, tokens)) / len(members)
             loss.backward()
             total += float(loss.detach())
+            self.flops += TRAIN_FLOPS_FACTOR * cand.flops * len(batch)
         if self.train_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
         self.optimizer.step()
@@ -250,8 +253,10 @@ class Supernet:
         *,
         lr: float | None = None,
         warmup_steps: int | None = None,
+        deadline: float | None = None,
     ) -> dict[str, Any]:
-        """Up to `steps` sandwich steps over `batches` (stops early when they run out).
+        """Up to `steps` sandwich steps over `batches` (stops early when they run out, or at
+        `deadline`, a `time.perf_counter()` value: the search's wall-time budget).
 
         The learning rate warms up linearly over `warmup_steps` (default: a quarter of `steps`),
         then stays at `lr` (default: the train config's): a fresh AdamW's first steps are the
@@ -263,6 +268,8 @@ class Supernet:
         samples = 0
         start = time.perf_counter()
         for i, batch in zip(range(steps), batches, strict=False):
+            if deadline is not None and i > 0 and time.perf_counter() >= deadline:
+                break
             losses.append(self.train_step(batch, peak * min(1.0, (i + 1) / warm)))
             samples += len(batch)
         seconds = time.perf_counter() - start
@@ -271,6 +278,7 @@ class Supernet:
             "samples": samples,
             "seconds": seconds,
             "seconds_per_step": seconds / len(losses) if losses else 0.0,
+            "flops": self.flops,
             "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None,
             "mean_loss": sum(losses) / len(losses) if losses else None,

@@ -393,15 +393,22 @@ class ClipLoss(nn.Module):
     """
 
     def forward(self, out: ClipOutput) -> torch.Tensor:
+        return self.per_sample(out).mean()
+
+    def per_sample(self, out: ClipOutput) -> torch.Tensor:
+        """(B,) each pair's share of the loss (its image's row and its text's column); their mean is
+        the loss. Paired comparisons of two models on the same samples use them (growth selection)."""
         logits = out.logit_scale * out.image_embeds @ out.text_embeds.T  # (B, B) image x text
         if out.positives is None:
             labels = torch.arange(logits.shape[0], device=logits.device)
-            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            image_to_text = F.cross_entropy(logits, labels, reduction="none")
+            text_to_image = F.cross_entropy(logits.T, labels, reduction="none")
+            return (image_to_text + text_to_image) / 2
         pos = out.positives.to(logits.dtype)  # (B, B), the diagonal always set
         per_image, per_text = pos.sum(dim=1), pos.sum(dim=0)  # (B,) positives of each row / column
-        image_to_text = F.cross_entropy(logits, pos / per_image[:, None])  # targets sum to 1 per row
-        text_to_image = F.cross_entropy(logits.T, pos.T / per_text[:, None])
+        # targets sum to 1 per row
+        image_to_text = F.cross_entropy(logits, pos / per_image[:, None], reduction="none")
+        text_to_image = F.cross_entropy(logits.T, pos.T / per_text[:, None], reduction="none")
         # Minus the targets' entropy (log of the positives' count): the KL divergence, the same
         # gradients, and 0 for a perfect model however often captions repeat.
-        floor = (per_image.log().mean() + per_text.log().mean()) / 2
-        return (image_to_text + text_to_image) / 2 - floor
+        return (image_to_text - per_image.log() + text_to_image - per_text.log()) / 2

@@ -27,6 +27,7 @@ from growclip_stream.data.decode import DecodePipeline, Routed, SettledStates
 from growclip_stream.data.pipeline import Batcher, Sample, collate, full_batches
 from growclip_stream.data.records import RecordError
 from growclip_stream.data.reservoir import Reservoir
+from growclip_stream.growth.budget import TRAIN_FLOPS_FACTOR
 from growclip_stream.growth.controller import GrowthController, GrowthEvent, GrowthPlan
 from growclip_stream.growth.pim import carry_optimizer_state
 from growclip_stream.model import GrowCLIP
@@ -138,6 +139,7 @@ class OnlineLoop:
         self._grow_requested = threading.Event()
         self._search: Future[GrowthPlan | None] | None = None  # a search running beside training
         self._search_started = 0.0
+        self._guard: GrowthGuard | None = None  # the base model trained beside a fresh growth
         self._wait_since = time.perf_counter()
 
     # -- control, callable from any thread -------------------------------------------------
@@ -267,16 +269,21 @@ class OnlineLoop:
     def _train(self, fresh: list[Sample], data_wait_s: float, replay: bool = True) -> None:
         replayed = self.replay.sample(self.replay_per_batch, {s.id for s in fresh}) if replay else []
         batch = collate(fresh + replayed, self.tokenizer)
-        stats = self.trainer.train_step(Batch(batch.images, batch.tokens, batch.ids, replayed=len(replayed)))
+        train_batch = Batch(batch.images, batch.tokens, batch.ids, replayed=len(replayed))
+        stats = self.trainer.train_step(train_batch)
         for sample in fresh:
             self.replay.add(sample)
             self.recent.append(sample)
-        self.growth.observe_step(self.trainer.model, stats.loss)
+        self.growth.observe_step(
+            self.trainer.model, stats.loss, samples=len(train_batch), seconds=stats.seconds
+        )
         self.observer.on_step(stats, data_wait_s)
+        if self._guard is not None:
+            self._guard_step(train_batch)
         if stats.step % self.cfg.eval_every_steps == 0:
             self.evaluate()
         trigger = None
-        if self._search is None:
+        if self._search is None and self._guard is None:
             trigger = self.growth.due(
                 samples=self.trainer.samples,
                 step=self.trainer.step,
@@ -298,8 +305,9 @@ class OnlineLoop:
         return loss
 
     def _supernet_batches(self) -> Iterator[Batch]:
-        """Endless batches drawn from a snapshot of recent and replayed samples."""
-        pool = list(self.recent) + self.replay.sample(len(self.recent))
+        """Endless batches drawn from a snapshot of recent and replayed samples, each sample once
+        (a recent sample is usually in the replay reservoir too)."""
+        pool = dedupe_by_id([*self.recent, *self.replay.sample(len(self.recent))])
         rng = random.Random(self._rng.random())
         size = min(self.trainer.cfg.batch_size, len(pool))
         while size >= 2:
@@ -308,7 +316,7 @@ class OnlineLoop:
     # -- growth ------------------------------------------------------------------------------
     def grow_now(self, trigger: str) -> GrowthEvent | None:
         """Grow now (or start a search beside training when so configured); the event when grown here."""
-        if self._search is not None:
+        if self._search is not None or self._guard is not None:
             log.info("growth already in progress", extra={"trigger": trigger})
             return None
         holdout = self.holdout_batches()
@@ -350,9 +358,23 @@ class OnlineLoop:
     def _apply(self, plan: GrowthPlan | None, trigger: str, start: float) -> GrowthEvent | None:
         if plan is None:
             self.growth.defer(samples=self.trainer.samples, step=self.trainer.step)
-            log.info("growth due but no candidate (or no held-out data yet)", extra={"trigger": trigger})
+            log.info(
+                "growth due but nothing searched",
+                extra={"trigger": trigger, "why": self.growth.last_refusal},
+            )
             return None
+        if plan.declined:
+            event = self.growth.record_declined(
+                plan, step=self.trainer.step, samples=self.trainer.samples,
+                duration_s=time.perf_counter() - start,
+            )  # fmt: skip
+            log.info("growth declined", extra={"trigger": trigger, "reason": event.reason})
+            self.observer.on_growth(event)
+            return event
         old_model, old_optimizer = self.trainer.model, self.trainer.optimizer
+        # The base goes on beside the grown model for the guard: a shallow copy keeps its model,
+        # optimizer and learning-rate schedule; swap_model rebinds the trainer's, not the copy's.
+        base = copy.copy(self.trainer) if self.growth.cfg.guard_steps > 0 else None
         grown = self.growth.inherit(plan, old_model)
         self.trainer.swap_model(grown)
         carried = carry_optimizer_state(
@@ -362,6 +384,8 @@ class OnlineLoop:
             plan, grown, step=self.trainer.step, samples=self.trainer.samples,
             duration_s=time.perf_counter() - start, optimizer_carry=carried,
         )  # fmt: skip
+        if base is not None:
+            self._guard = GrowthGuard(base, self.growth.cfg.guard_steps, event.generation)
         log.info(
             "grew model",
             extra={
@@ -374,6 +398,52 @@ class OnlineLoop:
         self.publish_now()
         return event
 
+    def _guard_step(self, batch: Batch) -> None:
+        """Train the base on the grown model's batch; after guard_steps, judge the growth."""
+        guard = self._guard
+        assert guard is not None
+        stats = guard.base.train_step(batch)
+        flops = TRAIN_FLOPS_FACTOR * guard.base.model.arch.flops_per_sample() * len(batch)
+        self.growth.work.add_growth(stats.seconds, flops)
+        guard.left -= 1
+        if guard.left > 0:
+            return
+        self._guard = None
+        holdout = self.holdout_batches()
+        start = time.perf_counter()
+        grown_loss = self.trainer.eval_loss(holdout)
+        base_loss = guard.base.eval_loss(holdout)
+        scored = sum(len(b) for b in holdout)
+        eval_flops = scored * (
+            self.trainer.model.arch.flops_per_sample() + guard.base.model.arch.flops_per_sample()
+        )
+        self.growth.work.add_growth(time.perf_counter() - start, eval_flops)
+        if grown_loss is None or base_loss is None:
+            log.info(
+                "growth guard: no held-out data, the growth stands", extra={"generation": guard.generation}
+            )
+            return
+        margin = self.growth.cfg.guard_margin
+        worse = grown_loss > base_loss + margin
+        verdict = {
+            "steps": guard.steps, "grown_loss": grown_loss, "base_loss": base_loss, "margin": margin,
+            "samples": scored, "verdict": "rolled_back" if worse else "kept",
+        }  # fmt: skip
+        if not worse:
+            self.growth.record_guard(
+                verdict, rolled_back_to=None, step=self.trainer.step, samples=self.trainer.samples
+            )
+            log.info("growth guard: kept", extra={"generation": guard.generation, **verdict})
+            return
+        self.trainer.restore_from(guard.base)
+        event = self.growth.record_guard(
+            verdict, rolled_back_to=guard.base.model, step=self.trainer.step, samples=self.trainer.samples
+        )
+        assert event is not None
+        log.info("growth guard: rolled back", extra={"generation": event.generation, **verdict})
+        self.observer.on_growth(event)
+        self.publish_now()
+
     def publish_now(self) -> None:
         self.publish(
             self.trainer.model,
@@ -382,3 +452,28 @@ class OnlineLoop:
             samples_trained=self.trainer.samples,
             growth_history=[e.to_dict() for e in self.growth.history],
         )
+
+
+@dataclass
+class GrowthGuard:
+    """The base model (in a trainer of its own) trained on the grown model's batches after a growth."""
+
+    base: OnlineTrainer
+    steps: int
+    generation: int  # of the growth under guard
+    left: int = -1
+
+    def __post_init__(self) -> None:
+        if self.left < 0:
+            self.left = self.steps
+
+
+def dedupe_by_id(samples: Sequence[Sample]) -> list[Sample]:
+    """`samples` with each id kept once (first occurrence), in order."""
+    seen: set[str] = set()
+    out = []
+    for sample in samples:
+        if sample.id not in seen:
+            seen.add(sample.id)
+            out.append(sample)
+    return out

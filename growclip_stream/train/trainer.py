@@ -95,3 +95,9 @@ class OnlineTrainer:
         self.optimizer = build_optimizer(self.model, self.cfg)
         self._warm_from = self.step
         self._warm_len = self.cfg.rewarm_steps
+
+    def restore_from(self, other: OnlineTrainer) -> None:
+        """Take over `other`'s model, optimizer and learning-rate schedule, keeping this trainer's
+        step and sample counts: a growth rolled back to the base model trained beside it."""
+        self.model, self.optimizer = other.model, other.optimizer
+        self._warm_from, self._warm_len = other._warm_from, other._warm_len

@@ -37,6 +37,10 @@ EXPECTED_FAMILIES = {
     "growclip_growth_phase": "gauge",
     "growclip_growth_failures_total": "counter",
     "growclip_growth_last_duration_seconds": "gauge",
+    "growclip_growth_declined_total": "counter",
+    "growclip_growth_search_seconds": "gauge",
+    "growclip_growth_search_flops": "gauge",
+    "growclip_growth_search_fraction": "gauge",
     "growclip_ingest_records_total": "counter",
     "growclip_ingest_decode_worker_deaths_total": "counter",
     "growclip_ingest_decode_stalls_total": "counter",
@@ -248,3 +252,32 @@ def test_set_model_publishes_generation_parameters_and_flops() -> None:
         "shared",
         "total",
     }
+
+
+def test_growth_decisions_and_search_work_are_exported() -> None:
+    from growclip_daemon.engine import MetricsObserver
+    from growclip_stream.growth.budget import WorkLedger
+    from growclip_stream.growth.controller import GrowthEvent
+
+    metrics = Metrics()
+    observer = MetricsObserver(metrics, "kafka")
+    work = WorkLedger(train_seconds=90.0, train_flops=9e12, growth_seconds=10.0, growth_flops=1e12)
+    arch = {"image": {}}
+
+    def event(outcome: str) -> GrowthEvent:
+        return GrowthEvent(
+            generation=1, step=10, samples=100, trigger="data_volume", ops=(), reason="", candidates=(),
+            params_before=1, params_after=1, flops_before=1, flops_after=1, arch_after=arch, duration_s=2.0,
+            finished_at=0.0, outcome=outcome, work=work.to_dict(),
+        )  # fmt: skip
+
+    for outcome in ("grown", "declined", "declined", "rolled_back"):
+        observer.on_growth(event(outcome))
+    r = metrics.registry
+    assert r.get_sample_value("growclip_growth_events_total", {"trigger": "data_volume"}) == 1
+    assert r.get_sample_value("growclip_growth_declined_total") == 2
+    assert r.get_sample_value("growclip_growth_failures_total", {"outcome": "rolled_back"}) == 1
+    assert r.get_sample_value("growclip_growth_search_seconds") == 10.0
+    assert r.get_sample_value("growclip_growth_search_flops") == 1e12
+    assert r.get_sample_value("growclip_growth_search_fraction", {"basis": "wall"}) == 0.1
+    assert r.get_sample_value("growclip_growth_search_fraction", {"basis": "flops"}) == 0.1

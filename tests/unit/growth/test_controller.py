@@ -1,3 +1,6 @@
+import itertools
+import json
+
 import pytest
 import torch
 
@@ -94,8 +97,8 @@ def test_grown_model_is_seeded_reproducibly() -> None:
 def test_search_policy_scores_every_candidate_and_explains_the_choice() -> None:
     torch.manual_seed(0)
     cfg = GrowthConfig(
-        space=("deepen:image+1", "deepen:text+1", "widen_mlp:text+16"), max_ops_per_step=1, supernet_steps=3,
-        momentum=0.5,
+        space=("deepen:image+1", "deepen:text+1", "widen_mlp:text+16"), max_ops_per_step=1, supernet_steps=20,
+        momentum=0.5, decline_z=0.0, min_gain=0.0,
     )  # fmt: skip
     phases: list[str] = []
     ctrl = GrowthController(cfg, TrainConfig(batch_size=8), on_phase=phases.append)
@@ -104,33 +107,114 @@ def test_search_policy_scores_every_candidate_and_explains_the_choice() -> None:
         ctrl.grow(model, trigger="t", step=1, samples=1, train_batches=iter(random_batches(model.arch, 3)))
         is None
     )
+    assert ctrl.last_refusal == "no held-out data yet" and not ctrl.history
+    hold = random_batches(model.arch, 2, seed=9)
     grown = ctrl.grow(
-        model, trigger="plateau", step=5, samples=40, train_batches=iter(random_batches(model.arch, 3)),
-        holdout_batches=random_batches(model.arch, 2, seed=9),
+        model, trigger="forced", step=5, samples=40, train_batches=itertools.cycle(hold),
+        holdout_batches=hold,
     )  # fmt: skip
-    assert grown is not None
+    assert grown is not None, ctrl.history[-1].reason
     new, event = grown
-    assert event.policy == "search" and event.trigger == "plateau" and event.reason.startswith("won:")
+    assert event.policy == "search" and event.trigger == "forced" and event.reason.startswith("won:")
+    assert event.outcome == "grown" and ctrl.generation == 1
     scored = [c for c in event.candidates if "val_loss" in c]
     assert sorted(c["name"] for c in scored) == ["deepen:image+1", "deepen:text+1", "widen_mlp:text+16"]
     assert event.ops[0] in {c["name"] for c in scored}
     assert new.arch.to_dict() == event.arch_after and new.arch != model.arch
-    assert event.supernet["steps"] == 3 and set(event.phases) == {"supernet_s", "selection_s", "inherit_s"}
+    assert event.supernet["steps"] == 20 and set(event.phases) == {"supernet_s", "selection_s", "inherit_s"}
+    assert event.supernet["budget"]["forced"] and event.work["growth_flops"] > 0
     assert phases == ["training_supernet", "selecting", "inheriting", "done"]
+
+
+def test_growth_is_declined_when_no_candidate_can_help() -> None:
+    """Without supernet training every candidate computes exactly the base's function: none can beat
+    it, so nothing grows, and the decision is recorded with every score."""
+    cfg = GrowthConfig(
+        space=("deepen:image+1", "deepen:text+1", "widen:text*2"), max_ops_per_step=1, supernet_steps=0
+    )
+    ctrl = GrowthController(cfg, TrainConfig(batch_size=8))
+    model = random_model(tiny_arch())
+    hold = random_batches(model.arch, 2, seed=9)
+    out = ctrl.grow(
+        model, trigger="forced", step=7, samples=70, train_batches=iter(hold), holdout_batches=hold
+    )
+    assert out is None and ctrl.generation == 0
+    (event,) = ctrl.history
+    assert event.outcome == "declined" and event.reason.startswith("declined:") and event.ops == ()
+    assert event.arch_after == model.arch.to_dict() and event.step == 7
+    scored = [c for c in event.candidates if "val_loss" in c]
+    assert len(scored) == 3 and not any(c["beats_base"] for c in scored)
+    assert all(abs(c["gain"]) < 1e-5 and c["margin"] >= cfg.min_gain for c in scored)
+    restored = GrowthController(cfg, TrainConfig())
+    restored.load_state_dict(json.loads(json.dumps(ctrl.state_dict())))
+    assert restored.history == ctrl.history and restored.generation == 0
+
+
+def test_search_stays_within_its_budget() -> None:
+    """The supernet steps and scored samples are sized so growth work stays within
+    search_budget_fraction of all work; with no training counted yet there is no budget at all."""
+    cfg = GrowthConfig(
+        space=("deepen:image+1", "deepen:text+1"), max_ops_per_step=1, supernet_steps=1000,
+        search_budget_fraction=0.1, decline_z=0.0, min_gain=0.0,
+    )  # fmt: skip
+    ctrl = GrowthController(cfg, TrainConfig(batch_size=8))
+    model = random_model(tiny_arch())
+    hold = random_batches(model.arch, 4, seed=9)
+    assert (
+        ctrl.search(model, trigger="volume", train_batches=itertools.cycle(hold), holdout_batches=hold)
+        is None
+    )
+    assert ctrl.last_refusal.startswith("search budget")
+    for _ in range(300):  # 300 training steps of 8 samples, counted
+        ctrl.observe_step(model, 1.0, samples=8, seconds=0.05)
+    plan = ctrl.search(model, trigger="volume", train_batches=itertools.cycle(hold), holdout_batches=hold)
+    assert plan is not None
+    budget = plan.supernet_stats["budget"]
+    assert 0 < plan.supernet_stats["steps"] <= budget["planned_steps"] < 1000
+    assert ctrl.work.fractions()["flops"] <= 0.1 + 1e-9
+    assert budget["search_flops"] == ctrl.work.growth_flops
 
 
 def test_plateau_trigger_fires_through_the_controller() -> None:
     cfg = GrowthConfig(
-        samples_per_param=0, min_interval_samples=10**9, plateau_patience=20, plateau_smoothing=0.0
-    )
+        samples_per_param=0, min_interval_samples=10**9, plateau_patience=20, plateau_smoothing=0.0,
+        plateau_check_every=10, plateau_confirmations=3,
+    )  # fmt: skip
     ctrl = GrowthController(cfg, TrainConfig())
     model = GrowCLIP(tiny_arch())
     for step in range(1, 40):
         ctrl.observe_step(model, 5.0 - 0.1 * step)  # falling fast: no plateau
         assert ctrl.due(samples=step, step=step, num_params=1) is None
-    for _ in range(40, 61):
-        ctrl.observe_step(model, 1.0)  # flat
-    assert ctrl.due(samples=60, step=60, num_params=1) == "plateau"
+    fired = []
+    for step in range(40, 101):
+        ctrl.observe_step(model, 1.0)  # flat from step 40
+        if ctrl.due(samples=step, step=step, num_params=1) == "plateau":
+            fired.append(step)
+    # the window is all flat from step 59; checks at 60, 70 and 80 confirm it: it fires at 80, not 60
+    assert fired[0] == 80
+
+
+def test_one_noisy_check_does_not_fire_and_a_growth_restarts_the_trend() -> None:
+    cfg = GrowthConfig(
+        samples_per_param=0, min_interval_samples=10**9, plateau_patience=20, plateau_smoothing=0.0,
+        plateau_check_every=10, plateau_confirmations=2, policy="plan", plan=("deepen:image+1",),
+    )  # fmt: skip
+    ctrl = GrowthController(cfg, TrainConfig())
+    model = GrowCLIP(tiny_arch())
+    fired = []
+    for step in range(1, 121):
+        # falls steadily, except one flat stretch that a single check (at step 40) sees as a plateau
+        loss = 10.0 - 0.05 * step if not 21 <= step <= 40 else 10.0 - 0.05 * 21
+        ctrl.observe_step(model, loss)
+        if ctrl.due(samples=step, step=step, num_params=1) is not None:
+            fired.append(step)
+    assert fired == []
+    ctrl.plateau_hits = 1
+    assert ctrl.smoother.values
+    grown = ctrl.grow(model, trigger="plateau", step=140, samples=140)
+    assert grown is not None
+    # the loss window and the confirmations start over on the grown model
+    assert not ctrl.smoother.values and ctrl.smoother.current is None and ctrl.plateau_hits == 0
 
 
 def test_growth_after_a_restore_splits_weights_as_without_it() -> None:

@@ -7,7 +7,14 @@ import torch
 from growclip_stream.batch import Batch
 from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.growth.operators import GrowthOp
-from growclip_stream.growth.selection import CandidateScore, evaluate, rank, score_candidates, select
+from growclip_stream.growth.selection import (
+    CandidateScore,
+    bootstrap_se,
+    evaluate,
+    rank,
+    score_candidates,
+    select,
+)
 from growclip_stream.growth.space import candidate_set
 from growclip_stream.growth.supernet import Supernet
 from growclip_stream.model import ArchConfig, ByteTokenizer, ClipLoss, ClipOutput, GrowCLIP, TowerConfig
@@ -39,9 +46,15 @@ def batches(a: ArchConfig, n: int = 2, size: int = 8) -> list[Batch]:
     return out
 
 
-def fake(name: str, gain: float, added_gflops: float, rule: str = "gain_per_flop") -> CandidateScore:
+def fake(
+    name: str, gain: float, added_gflops: float, rule: str = "gain", se: float = 0.001, n: int = 400
+) -> CandidateScore:
+    """A score whose per-sample losses have mean gain `gain` over a base of 4.0 and spread ~se·sqrt(n)."""
+    g = torch.Generator().manual_seed(abs(hash(name)) % 2**31)
+    noise = torch.randn(n, generator=g, dtype=torch.float64)
+    noise = (noise - noise.mean()) / noise.std() * se * n**0.5
+    per_sample = 4.0 - gain + noise
     added = int(added_gflops * 1e9)
-    score = gain / added_gflops if rule == "gain_per_flop" else -(4.0 - gain)
     return CandidateScore(
         name=name,
         ops=(GrowthOp.parse(name),),
@@ -53,9 +66,12 @@ def fake(name: str, gain: float, added_gflops: float, rule: str = "gain_per_flop
         zero_shot_top1=0.5,
         base_loss=4.0,
         gain=gain,
-        score=score,
+        gain_se=se,
+        margin=max(3 * se, 1e-3),
+        score=gain if rule == "gain" else -(4.0 - gain),
         rule=rule,
-        samples=16,
+        samples=n,
+        per_sample=per_sample,
     )
 
 
@@ -86,69 +102,82 @@ def test_scores_every_candidate_and_records_json() -> None:
     sn = Supernet(old, cands, torch.Generator().manual_seed(0), train_cfg=TrainConfig())
     hold = batches(a)
     base = evaluate(old, hold, torch.device("cpu"))
-    scores = score_candidates(sn, cands, hold, rule="gain_per_flop")
+    scores = score_candidates(sn, cands, hold)
     assert [s.name for s in scores] == [c.name for c in cands]
     for s, c in zip(scores, cands, strict=True):
         assert s.candidate == c and s.ops == c.ops and s.params == c.params
         assert s.added_flops == c.added_flops(a) > 0 and s.samples == 16
-        # before supernet training every candidate is the old model: same loss and proxy
+        # before supernet training every candidate is the old model: same loss and proxy, no gain
         assert abs(s.val_loss - base.loss) < 1e-4 and s.zero_shot_top1 == base.top1
-        assert abs(s.base_loss - base.loss) < 1e-4
-        assert math.isclose(s.score, s.gain / (s.added_flops / 1e9))
+        assert abs(s.base_loss - base.loss) < 1e-4 and not s.beats_base
+    assert select(scores).declined
     sn.train(hold * 2, steps=4, lr=3e-3)
-    trained = score_candidates(sn, cands, hold, base_loss=base.loss, rule="min_loss")
-    assert all(t.base_loss == base.loss and t.score == -t.val_loss for t in trained)
+    trained = score_candidates(sn, cands, hold, rule="min_loss", decline_z=0.0, min_gain=0.0)
+    assert all(t.score == -t.val_loss for t in trained)
     assert any(abs(t.val_loss - base.loss) > 1e-3 for t in trained)
-    winner = select(trained)
-    record = json.loads(json.dumps([s.to_dict() for s in trained] + [winner.to_dict()], allow_nan=False))
-    assert record[-1]["reason"].startswith("won: lowest held-out loss")
+    record = json.loads(json.dumps([s.to_dict() for s in trained], allow_nan=False))
     assert set(record[0]) >= {
-        "name",
-        "ops",
-        "params",
-        "flops",
-        "added_flops",
-        "val_loss",
-        "zero_shot_top1",
-        "score",
-    }
+        "name", "ops", "params", "flops", "added_flops", "val_loss", "zero_shot_top1", "gain", "gain_se",
+        "margin", "beats_base", "score",
+    }  # fmt: skip
     with pytest.raises(ValueError, match="selection rule"):
         score_candidates(sn, cands, hold, rule="best")
 
 
-def test_gain_per_flop_prefers_cheap_gains() -> None:
-    big = fake("widen:text*2", gain=0.10, added_gflops=1.0)  # 0.1 / GFLOP
-    cheap = fake("deepen:image+1", gain=0.05, added_gflops=0.1)  # 0.5 / GFLOP
+def test_per_sample_losses_average_to_the_loss() -> None:
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(2, 6, 8, generator=g), dim=-1)
+    tokens = ByteTokenizer(8).encode(["a", "b", "a", "c", "b", "d"])
+    for positives in (None, same_caption(tokens)):
+        out = ClipOutput(emb[0], emb[1], torch.tensor(7.0), positives=positives)
+        per = ClipLoss().per_sample(out)
+        assert per.shape == (6,) and torch.allclose(per.mean(), ClipLoss()(out))
+
+
+def test_bootstrap_se_matches_the_standard_error() -> None:
+    diffs = torch.randn(2000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    se = bootstrap_se(diffs, 2000, seed=1)
+    assert abs(se - float(diffs.std()) / 2000**0.5) < 0.1 * se
+
+
+def test_gain_is_not_biased_toward_cheap_operators() -> None:
+    """Both candidates clearly beat the base; the one with twice the gain wins although it adds ten
+    times the FLOPs (gain per FLOP would pick the cheap one: 0.5 vs 0.1 per GFLOP)."""
+    big = fake("widen:text*2", gain=0.10, added_gflops=1.0)
+    cheap = fake("deepen:image+1", gain=0.05, added_gflops=0.1)
     worse = fake("widen_mlp:text+8", gain=-0.01, added_gflops=0.01)
-    assert [s.name for s in rank([big, worse, cheap])] == [
-        "deepen:image+1",
+    assert [s.name for s in rank([cheap, worse, big])] == [
         "widen:text*2",
+        "deepen:image+1",
         "widen_mlp:text+8",
     ]
-    won = select([big, worse, cheap])
-    assert won.name == "deepen:image+1"
-    assert won.reason.startswith(
-        "won: lowest loss per added GFLOP: 0.5/GFLOP vs next 0.1/GFLOP (widen:text*2)"
+    won = select([cheap, worse, big]).winner
+    assert won is not None and won.name == "widen:text*2"
+    assert won.reason.startswith("won: largest held-out gain over the base vs next deepen:image+1")
+
+
+def test_cost_breaks_only_ties_the_data_cannot_resolve() -> None:
+    big = fake("widen:text*2", gain=0.100, added_gflops=1.0, se=0.01)
+    cheap = fake("deepen:image+1", gain=0.095, added_gflops=0.1, se=0.01)  # within noise of big
+    won = select([big, cheap]).winner
+    assert won is not None and won.name == "deepen:image+1" and "within noise" in won.reason
+    mn = select(
+        [
+            fake("widen:text*2", 0.1, 1.0, "min_loss", 0.01),
+            fake("deepen:image+1", 0.095, 0.1, "min_loss", 0.01),
+        ]
     )
+    assert mn.winner is not None and mn.winner.name == "widen:text*2"  # min_loss: no parsimony
 
 
-def test_gain_per_flop_without_any_gain_takes_the_lowest_loss() -> None:
-    # by raw score (-0.01 vs -0.1) the expensive one would win, though its loss is higher
-    expensive = fake("widen:text*2", gain=-0.10, added_gflops=10.0)
-    cheap = fake("deepen:image+1", gain=-0.01, added_gflops=0.1)
-    assert expensive.score > cheap.score
-    won = select([expensive, cheap])
-    assert won.name == "deepen:image+1" and "no candidate beats the base" in won.reason
-
-
-def test_min_loss_and_ties() -> None:
-    a = fake("widen:text*2", gain=0.2, added_gflops=1.0, rule="min_loss")
-    b = fake("deepen:image+1", gain=0.1, added_gflops=0.1, rule="min_loss")
-    assert select([b, a]).name == "widen:text*2"
-    tie_big = fake("widen:text*2", gain=0.1, added_gflops=1.0, rule="min_loss")
-    assert select([tie_big, b]).name == "deepen:image+1"  # equal loss: fewer added FLOPs
-    only = select([b])
-    assert "the only candidate" in only.reason
+def test_declines_when_no_gain_exceeds_its_noise() -> None:
+    noisy = fake("widen:text*2", gain=0.02, added_gflops=1.0, se=0.01)  # 2 s.e.: not enough
+    worse = fake("deepen:image+1", gain=-0.05, added_gflops=0.1)
+    chosen = select([noisy, worse])
+    assert chosen.declined and chosen.winner is None
+    assert (
+        chosen.reason.startswith("declined: no candidate beats the base") and "widen:text*2" in chosen.reason
+    )
     with pytest.raises(ValueError):
         select([])
 
@@ -156,9 +185,33 @@ def test_min_loss_and_ties() -> None:
 def test_non_finite_scores_are_json_safe() -> None:
     nan = fake("deepen:image+1", gain=float("nan"), added_gflops=1.0)
     d = nan.to_dict()
-    assert d["val_loss"] is None and d["score"] is None
+    assert d["gain"] is None and d["score"] is None and d["beats_base"] is False
     json.dumps(d, allow_nan=False)
-    assert select([nan, fake("widen:text*2", gain=0.01, added_gflops=1.0)]).name == "widen:text*2"
+    won = select([nan, fake("widen:text*2", gain=0.05, added_gflops=1.0)]).winner
+    assert won is not None and won.name == "widen:text*2"
+
+
+def test_search_picks_a_planted_better_candidate() -> None:
+    """One candidate's new block is trained (alone, the shared weights frozen) to fit the held-out
+    data; every other candidate computes exactly the base's function. The scores find it."""
+    a = arch()
+    torch.manual_seed(0)
+    old = GrowCLIP(a)
+    space = ("deepen:image+1", "deepen:text+1", "widen_mlp:text+8", "widen:image*2")
+    cands = candidate_set(a, GrowthConfig(space=space, max_ops_per_step=1, max_flops_factor=100.0))
+    sn = Supernet(old, cands, torch.Generator().manual_seed(0), train_cfg=TrainConfig())
+    planted = next(c for c in cands if c.name == "deepen:text+1")
+    new_block = [p for n, p in sn.model.named_parameters() if n.startswith("text.blocks.1.")]
+    opt = torch.optim.Adam(new_block, lr=1e-2)
+    hold = batches(a, n=4)
+    for _ in range(60):
+        for b in hold:
+            opt.zero_grad()
+            ClipLoss()(sn.forward_candidate(planted, b.images, b.tokens)).backward()
+            opt.step()
+    chosen = select(score_candidates(sn, cands, hold))
+    assert chosen.winner is not None and chosen.winner.name == "deepen:text+1", chosen.reason
+    assert chosen.winner.gain > chosen.winner.margin > 0
 
 
 def test_retrieving_an_identical_caption_is_a_hit() -> None:
