@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -413,10 +414,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--format", choices=("json", "binary"), default="json", help="the wire format of the records"
     )
-    parser.add_argument("--out", type=Path, default=None, help="default: results/ingest[_binary].json")
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="default: results/ingest[_binary].json; with --quick, a file in the temp directory",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     suffix = "" if args.format == "json" else "_binary"
-    out: Path = args.out or ROOT / "bench" / "results" / f"ingest{suffix}.json"
+    # a smoke run never overwrites committed results
+    default = Path(tempfile.gettempdir()) if args.quick else ROOT / "bench" / "results"
+    out: Path = args.out or default / f"ingest{suffix}{'_quick' if args.quick else ''}.json"
     counts = {"2k": args.records_2k, "20k": args.records_20k}
     rounds = args.rounds
     if args.quick:
