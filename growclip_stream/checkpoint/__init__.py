@@ -25,6 +25,7 @@ from growclip_stream.checkpoint.store import (
     Checkpoint,
     Checkpointer,
     CheckpointError,
+    CheckpointFormatError,
     CheckpointStore,
     Saved,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointFormatError",
     "CheckpointManager",
     "CheckpointPolicy",
     "CheckpointStore",

@@ -63,6 +63,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (missing file, bad checksum, unknown format)."""
 
 
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint in a format this version cannot read (written by a newer one): not damage, so
+    loading stops here instead of falling back to an older checkpoint and losing the newer progress."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """What :meth:`CheckpointStore.load` gives back."""
@@ -300,7 +305,8 @@ class CheckpointStore:
         """The checkpoint at ``path`` (verified, no fallback), or the newest usable one under the root.
 
         Without a path: the folder ``LATEST`` names first, then every other folder newest first;
-        each unusable one is logged and skipped. Raises :class:`CheckpointError` when none is usable.
+        each unusable one is logged and skipped. Raises :class:`CheckpointError` when none is usable,
+        and :class:`CheckpointFormatError` at once for one written in a newer format.
         """
         if path is not None:
             return self._load(path)
@@ -308,6 +314,8 @@ class CheckpointStore:
         for name in self._candidates():
             try:
                 ckpt = self._load(self._join(name))
+            except CheckpointFormatError:
+                raise
             except CheckpointError as err:
                 log.warning(
                     "checkpoint unusable, trying the previous one",
@@ -354,8 +362,13 @@ class CheckpointStore:
             manifest = json.loads(raw)
         except ValueError as err:
             raise CheckpointError(f"{path}: manifest.json is not valid JSON ({err})") from err
-        if not isinstance(manifest, dict) or manifest.get("format_version") not in _READABLE_VERSIONS:
-            version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            raise CheckpointFormatError(
+                f"{path}: format version {version} is newer than this version reads ({FORMAT_VERSION}); "
+                "run the version that wrote it"
+            )
+        if version not in _READABLE_VERSIONS:
             raise CheckpointError(f"{path}: unknown format version {version!r}")
         blobs: dict[str, bytes] = {}
         for fname, meta in dict(manifest.get("files", {})).items():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from growclip_stream.batch import Batch
-from growclip_stream.checkpoint import Checkpointer, CheckpointError, restore_optimizer
+from growclip_stream.checkpoint import Checkpointer, CheckpointError, CheckpointFormatError, restore_optimizer
 from growclip_stream.growth.operators import GrowthOp, apply_op
 from growclip_stream.model import GrowCLIP
 from growclip_stream.optim import build_optimizer
@@ -122,14 +122,14 @@ def test_corruption_is_detected_for_an_explicit_path(tmp_path) -> None:
     damage(Path(path) / "model.safetensors")
     with pytest.raises(CheckpointError, match="checksum"):
         ckpt.load(path)
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        ckpt.load()
     manifest = Path(path) / "manifest.json"
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 99}))
-    with pytest.raises(CheckpointError, match="format version"):
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": "one"}))
+    with pytest.raises(CheckpointError, match="unknown format version"):
         ckpt.load(path)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         Checkpointer(str(tmp_path / "empty")).load()
-    with pytest.raises(CheckpointError, match="no usable checkpoint"):
-        ckpt.load()
 
 
 @pytest.mark.parametrize("how", ["damaged file", "no manifest", "manifest not json", "file missing"])
@@ -153,6 +153,17 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     messages = [r.getMessage() for r in caplog.records]
     assert "checkpoint unusable, trying the previous one" in messages
     assert "resuming from an older checkpoint: newer ones are unusable" in messages
+
+
+def test_a_newer_format_stops_loading_instead_of_falling_back(tmp_path) -> None:
+    """A newer version's checkpoint is not damage: falling back past it would drop its progress."""
+    trainer = trained_grown_trainer()
+    ckpt = Checkpointer(str(tmp_path))
+    save(ckpt, trainer, 3)
+    manifest = Path(save(ckpt, trainer, 4)) / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 3}))
+    with pytest.raises(CheckpointFormatError, match="newer"):
+        ckpt.load()
 
 
 @pytest.mark.parametrize("how", ["missing", "garbage", "names a missing folder", "names a broken folder"])
