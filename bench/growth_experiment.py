@@ -12,7 +12,8 @@ sees every stage:
    28x28 grayscale geometry.
 
 Arms, all under one training-FLOPs budget (forward + backward = 3x forward FLOPs per sample, plus
-every FLOP the growth search spends on its supernet and on scoring candidates):
+every FLOP growth spends besides training: the supernet, scoring candidates, and the guard's base
+model trained beside each fresh growth):
 
 - ``fixed_small``: the initial architecture, never grown;
 - ``fixed_large``: from scratch at the architecture the ``grown_search`` arm of the same seed ends at;
@@ -141,6 +142,8 @@ def scale_for(mode: str) -> Scale:
                 samples_per_param=0.0,
                 supernet_steps=3,
                 selection_samples=32,
+                search_budget_fraction=0.5,  # a smoke run is too short for a 10% search budget
+                guard_steps=5,
             ),
             curve_points=3,
             eval_per_kind=32,
@@ -441,19 +444,16 @@ class ArmResult:
     seed: int
     curve: list[dict[str, float]] = field(
         default_factory=list
-    )  # flops, train_flops, search_flops, holdout_loss
+    )  # flops, train_flops, growth_flops, holdout_loss
     final: dict[str, Any] = field(default_factory=dict)
     growths: list[dict[str, Any]] = field(default_factory=list)
-    declined: int = 0
     wall_s: float = 0.0
 
 
-def search_flops(controller: GrowthController) -> float:
-    """Compute the growth controller spent searching so far (supernet training and scoring)."""
-    value = getattr(controller, "search_flops", None)
-    if value is None:
-        return 0.0  # TEMP
-    return float(value)
+def growth_flops(controller: GrowthController) -> float:
+    """Compute the growth controller spent so far besides training: supernet training, scoring
+    candidates, and the guard's base model trained beside each fresh growth."""
+    return float(controller.work.growth_flops)
 
 
 class Meter:
@@ -472,10 +472,7 @@ class Meter:
         self.run.maybe_evaluate()
 
     def on_growth(self, event: GrowthEvent) -> None:
-        self.run.result.growths.append(
-            {"step": event.step, "ops": list(event.ops), "params_after": event.params_after,
-             "flops_after": event.flops_after, "trigger": event.trigger}
-        )  # fmt: skip
+        pass  # read from the controller's history at the end
 
     def on_eval(self, loss: float) -> None:
         pass
@@ -515,7 +512,7 @@ class ArmRun:
         self.next_point = 0
 
     def spent(self) -> float:
-        s = search_flops(self.controller) if self.controller.cfg.enabled else 0.0
+        s = growth_flops(self.controller)
         return self.meter.train_flops + s
 
     def progress(self) -> float:
@@ -533,7 +530,7 @@ class ArmRun:
             {
                 "flops": self.spent(),
                 "train_flops": self.meter.train_flops,
-                "search_flops": self.spent() - self.meter.train_flops,
+                "growth_flops": self.spent() - self.meter.train_flops,
                 "samples": trainer.samples,
                 "holdout_loss": float(loss if loss is not None else math.nan),
                 "zero_shot_top1": zero_shot_top1(trainer.model.eval(), self.data, self.device),
@@ -562,9 +559,13 @@ class ArmRun:
             "samples_trained": self.loop.trainer.samples,
             "steps": self.loop.trainer.step,
             "train_flops": self.meter.train_flops,
-            "search_flops": self.spent() - self.meter.train_flops,
+            "growth_flops": self.spent() - self.meter.train_flops,
         }
-        self.result.declined = sum(1 for e in getattr(self.controller, "declined", []) if e is not None)
+        self.result.growths = [
+            {"outcome": e.outcome, "step": e.step, "trigger": e.trigger, "ops": list(e.ops),
+             "params_after": e.params_after, "guard": e.guard}
+            for e in self.controller.history
+        ]  # fmt: skip
         self.result.wall_s = time.perf_counter() - start
         return self.result
 
@@ -585,6 +586,12 @@ def flops_to_reach(curve: Sequence[dict[str, float]], target: float) -> float | 
     return None
 
 
+def _outcomes(events: Sequence[dict[str, Any]]) -> str:
+    """grown/declined/rolled back counts of one run's growth decisions."""
+    n = {k: sum(1 for e in events if e["outcome"] == k) for k in ("grown", "declined", "rolled_back")}
+    return f"{n['grown']}/{n['declined']}/{n['rolled_back']}"
+
+
 def summarise(results: Sequence[ArmResult], budget: float) -> dict[str, Any]:
     """Per arm medians, and the paired differences against fixed_large (and fixed_small) by seed."""
     by = {(r.arm, r.seed): r for r in results}
@@ -603,8 +610,8 @@ def summarise(results: Sequence[ArmResult], budget: float) -> dict[str, Any]:
             reach.append(f / budget if f is not None else None)
         row["budget_share_to_reach_fixed_large_loss"] = reach
         row["params"] = [by[arm, s].final["params"] for s in seeds]
-        row["growths"] = [len(by[arm, s].growths) for s in seeds]
-        row["search_flops_share"] = [by[arm, s].final["search_flops"] / budget for s in seeds]
+        row["growths"] = [_outcomes(by[arm, s].growths) for s in seeds]
+        row["growth_flops_share"] = [by[arm, s].final["growth_flops"] / budget for s in seeds]
         table[arm] = row
     paired: dict[str, Any] = {}
     for ref in ("fixed_large", "fixed_small"):
@@ -635,14 +642,14 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "held-out loss (— where it never did).",
         "",
         "| arm | zero-shot top-1 | R@1 image→text | R@1 text→image | final held-out loss | reach "
-        "| params (per seed) | growths | search share |",
+        "| params (per seed) | grown/declined/rolled back | growth-work share |",
         "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |",
     ]
     for arm, row in summary["arms"].items():
         reach = ", ".join(
             "—" if r is None else f"{r:.2f}" for r in row["budget_share_to_reach_fixed_large_loss"]
         )
-        search = ", ".join(f"{s:.2f}" for s in row["search_flops_share"])
+        search = ", ".join(f"{s:.2f}" for s in row["growth_flops_share"])
         lines.append(
             f"| {arm} | {row['zero_shot_top1']:.3f} | {row['image_to_text_r1']:.3f} "
             f"| {row['text_to_image_r1']:.3f} "
