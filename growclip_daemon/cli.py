@@ -157,7 +157,7 @@ def eval_(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     model, arch = ckpt.model.eval(), ckpt.model.arch
-    generation = len(ckpt.manifest.get("growth", {}).get("history", []))
+    generation = ckpt.generation
     results: dict[str, object] = {}
     errors: dict[str, str] = {}
     limits = RecordLimits(max_image_pixels=cfg.data.max_image_pixels)
@@ -169,7 +169,7 @@ def eval_(
             errors[name] = f"{type(err).__name__}: {err}"
     answer = {
         "checkpoint": ckpt.path,
-        "model": f"growclip@{generation}.{ckpt.step}",
+        "model": f"growclip@{generation}.{ckpt.step}" + (f".{run}" if (run := ckpt.run_id) else ""),
         "step": ckpt.step,
         "generation": generation,
         "suites": results,

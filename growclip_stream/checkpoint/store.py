@@ -92,7 +92,15 @@ class Checkpoint:
 
     @property
     def generation(self) -> int:
-        return int(self.manifest.get("generation", len(self.manifest.get("growth", {}).get("history", []))))
+        if "generation" in self.manifest:
+            return int(self.manifest["generation"])
+        return _generation(self.manifest.get("growth", {}))
+
+    @property
+    def run_id(self) -> str:
+        """The run that saved it ("" when unknown): the last part of the version it served."""
+        run = self.manifest.get("run", {})
+        return str(run.get("id") or "") if isinstance(run, Mapping) else ""
 
     @property
     def source(self) -> dict[str, Any]:
@@ -189,7 +197,7 @@ class CheckpointStore:
         generation: int | None = None,
     ) -> str:
         """Capture and write in the caller's thread (tests, tools); returns the checkpoint's path."""
-        gen = len(growth.get("history", [])) if generation is None else generation
+        gen = _generation(growth) if generation is None else generation
         state = capture(
             model, optimizer, step=step, samples=samples, generation=gen, growth=growth, source=source
         )
@@ -400,6 +408,15 @@ class CheckpointStore:
 
 
 Checkpointer = CheckpointStore  # the name the daemon has used
+
+
+def _generation(growth: Mapping[str, Any]) -> int:
+    """Growths (and roll-backs) in a growth history; declined growths changed nothing."""
+    return sum(
+        1
+        for e in growth.get("history", [])
+        if not (isinstance(e, Mapping) and e.get("outcome") == "declined")
+    )
 
 
 def _write_fsynced(path: str, data: bytes) -> None:
