@@ -115,9 +115,13 @@ class CheckpointManager:
         if self._closing.is_set() or not self._idle.is_set() or not self.due(step, progress):
             return False
         start = time.perf_counter()
-        state = capture()
-        stall = time.perf_counter() - start
         self._last_time = self._clock()  # a failed save is tried again one period later
+        try:
+            state = capture()
+        except Exception as err:  # counted and logged like a failed write: training goes on
+            self._failed(err, "periodic", None)
+            return False
+        stall = time.perf_counter() - start
         self._idle.clear()
         threading.Thread(
             target=self._write_in_background,
@@ -133,9 +137,10 @@ class CheckpointManager:
         self.wait()
         self.deliver()
         start = time.perf_counter()
-        state = capture()
-        stall = time.perf_counter() - start
+        state: TrainingState | None = None
         try:
+            state = capture()
+            stall = time.perf_counter() - start
             saved, attempts = self._write_with_retries(state, reason)
         except Exception as err:
             self._failed(err, reason, state)
@@ -204,13 +209,14 @@ class CheckpointManager:
                 delay = min(delay * 2, p.max_backoff_s)
         raise AssertionError("unreachable")
 
-    def _failed(self, err: BaseException, reason: str, state: TrainingState) -> None:
+    def _failed(self, err: BaseException, reason: str, state: TrainingState | None) -> None:
         with self._lock:
             self.failures += 1
         log.error(
             "checkpoint failed; training goes on and the next save tries again",
-            extra={"reason": reason, "step": state.step, "error": repr(err), "failures": self.failures},
-        )
+            extra={"reason": reason, "step": state.step if state is not None else None, "error": repr(err),
+                   "failures": self.failures},
+        )  # fmt: skip
         if self.on_failure is not None:
             try:
                 self.on_failure(err)

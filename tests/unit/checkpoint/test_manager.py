@@ -198,3 +198,18 @@ def test_a_save_on_request_waits_for_the_background_save_and_both_get_their_own_
     names = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert names == ["00000001-g0-s000000000001", "00000002-g0-s000000000001"]
     assert result.path.endswith(names[-1])
+
+
+def test_a_capture_that_raises_is_counted_not_raised(tmp_path: Path) -> None:
+    def broken() -> TrainingState:
+        raise RuntimeError("state could not be copied")
+
+    failures: list[BaseException] = []
+    manager = CheckpointManager(
+        CheckpointStore(str(tmp_path)), CheckpointPolicy(every_s=0, every_steps=1), on_failure=failures.append
+    )
+    assert manager.maybe_save(1, broken) is False
+    assert manager.failures == 1 and isinstance(failures[0], RuntimeError)
+    with pytest.raises(CheckpointError, match="admin checkpoint failed"):
+        manager.save(broken, "admin")
+    assert manager.failures == 2
