@@ -122,7 +122,7 @@ def png_b64(value: int) -> str:
 
 
 def parse_version(model: str) -> tuple[int, int]:
-    gen, step = model.removeprefix(MODEL_PREFIX).split(".")
+    gen, step = model.removeprefix(MODEL_PREFIX).split(".")[:2]  # growclip@<generation>.<step>.<run>
     return int(gen), int(step)
 
 
