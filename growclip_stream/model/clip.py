@@ -28,7 +28,18 @@ from growclip_stream.model.tokenizer import EOS_ID, VOCAB_SIZE
 
 TowerName = Literal["image", "text", "shared"]
 TOWER_NAMES: tuple[TowerName, ...] = ("image", "text", "shared")
-INIT_STD = 0.02  # std of every freshly initialised weight matrix, embedding and token (growth reuses it)
+# Initialisation (OpenCLIP's scheme, fan-in scaled): a fixed std such as 0.02 for every matrix is
+# tiny at widths like 32, where AdamW's first steps (each ~lr per weight) then rewrite the weights
+# relative to their size and learning is slow and seed-dependent (bench/README.md, "Learning").
+INIT_STD = 0.02  # token embeddings; also the fan-in of new MLP units in growth
+TEXT_POS_STD = 0.01  # text positional embedding
+
+
+def fan_in_std(fan_in: int) -> float:
+    """Std of a freshly initialised matrix (linear layers, the patch embedding's rows) of this fan-in."""
+    return float(fan_in**-0.5)
+
+
 MAX_LOGIT_SCALE = 100.0  # cap of the softmax temperature exp(logit_scale), as in CLIP
 LOGIT_SCALE_CAP = math.log(MAX_LOGIT_SCALE)  # the same cap on the parameter, where it is enforced
 
@@ -78,7 +89,7 @@ class ArchConfig:
     image_size: int = 28  # input images are (channels, image_size, image_size)
     patch_size: int = 7  # image_size must be a multiple of it
     channels: int = 1
-    context_length: int = 32  # text tokens per caption, BOS and EOS included
+    context_length: int = 64  # text tokens per caption, BOS and EOS included (captions are cut to 62 bytes)
     vocab_size: int = VOCAB_SIZE
 
     __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012  (read by pydantic, not a field)
@@ -267,8 +278,8 @@ class ImageTower(nn.Module):
         super().__init__()
         w, p = arch.image.width, arch.patch_size
         self.patch_embed = nn.Conv2d(arch.channels, w, kernel_size=p, stride=p, bias=False)
-        self.class_token = nn.Parameter(torch.randn(w) * INIT_STD)
-        self.pos_embed = nn.Parameter(torch.randn(arch.image_tokens, w) * INIT_STD)
+        self.class_token = nn.Parameter(torch.randn(w) * w**-0.5)
+        self.pos_embed = nn.Parameter(torch.randn(arch.image_tokens, w) * w**-0.5)
         self.blocks = nn.ModuleList(Block(arch.image) for _ in range(arch.image.depth))
         self.to_shared = nn.Linear(w, arch.shared.width)
 
@@ -287,7 +298,7 @@ class TextTower(nn.Module):
         super().__init__()
         w = arch.text.width
         self.token_embed = nn.Embedding(arch.vocab_size, w)
-        self.pos_embed = nn.Parameter(torch.randn(arch.context_length, w) * INIT_STD)
+        self.pos_embed = nn.Parameter(torch.randn(arch.context_length, w) * TEXT_POS_STD)
         self.blocks = nn.ModuleList(Block(arch.text) for _ in range(arch.text.depth))
         self.to_shared = nn.Linear(w, arch.shared.width)
 
@@ -296,14 +307,25 @@ class TextTower(nn.Module):
         return self.to_shared(_run_blocks(self.blocks, x, causal=True))  # (B, T, shared width)
 
 
-def init_weights(module: nn.Module, generator: torch.Generator | None = None) -> None:
-    """The model's initialisation of linear/conv/embedding/LayerNorm layers (growth reuses it)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear | nn.Conv2d | nn.Embedding):
+def init_weights(module: nn.Module, generator: torch.Generator | None = None, depth: int = 1) -> None:
+    """The model's initialisation of linear/conv/embedding/LayerNorm layers (growth reuses it).
+
+    Linear layers: N(0, 1/fan_in); the patch embedding: N(0, 1/(3 fan_in)) (PyTorch's default
+    scale for a conv); the residual writes of each block (attention output, second MLP layer) are
+    scaled down by sqrt(2 x depth) more, `depth` being the blocks in their stack, so the residual
+    stream's scale does not grow with depth. Token embeddings N(0, INIT_STD); biases 0; norms 1.
+    """
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear | nn.Conv2d):
+            fan_in = m.weight[0].numel()
+            std = fan_in_std(3 * fan_in) if isinstance(m, nn.Conv2d) else fan_in_std(fan_in)
+            if name.endswith(("attn.out", "mlp.fc2")):
+                std *= (2 * max(depth, 1)) ** -0.5
+            nn.init.normal_(m.weight, std=std, generator=generator)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=INIT_STD, generator=generator)
-            bias = getattr(m, "bias", None)
-            if bias is not None:
-                nn.init.zeros_(bias)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
@@ -337,6 +359,9 @@ class GrowCLIP(nn.Module):
         self.proj = nn.Linear(arch.shared.width, arch.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         init_weights(self)
+        for tower in TOWER_NAMES:  # the blocks again, their residual writes scaled by their stack's depth
+            for block in getattr(self, tower).blocks:
+                init_weights(block, depth=arch.tower(tower).depth)
 
     def _head(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.proj(self.ln_post(pooled)), dim=-1)  # (B, embed_dim)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,18 +13,23 @@ from growclip_stream.data.datasets import iter_records
 from growclip_stream.data.decode import DecodePipeline
 from growclip_stream.data.images import ImageTransform
 from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, KafkaSourceConfig
-from growclip_stream.data.pipeline import Decoder
+from growclip_stream.data.pipeline import Decoder, Sample, full_batches
 from growclip_stream.data.produce import produce
-from growclip_stream.data.records import RecordLimits
+from growclip_stream.data.records import Record, RecordLimits, is_held_out
 from growclip_stream.data.shards import ShardDeadLetter, ShardSource, write_parquet_shards
 from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.growth.controller import GrowthController, GrowthEvent
-from growclip_stream.model import GrowCLIP
+from growclip_stream.model import ArchConfig, GrowCLIP, TowerConfig
 from growclip_stream.model.tokenizer import ByteTokenizer
 from growclip_stream.train.config import TrainConfig
 from growclip_stream.train.loop import LoopConfig, OnlineLoop
 from growclip_stream.train.trainer import OnlineTrainer, StepStats
 from tests.helpers import tiny_arch
+
+# The loop-versus-bare-trainer pin: steps, and how much worse the loop's validation loss may end
+# (nats; paired seeds spread by ~X between the two on a correct loop).
+STEPS_VS_BARE = 150
+LOSS_TOLERANCE = 0.15
 
 
 class Recorder:
@@ -168,3 +174,69 @@ def test_resumed_positions_are_what_the_next_checkpoint_records(tmp_path) -> Non
     second.finish()  # stopped at once: nothing new was read
     assert second.settled_source_state == saved and second.trainer.samples == 0
     second.pipeline.close()
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Training with intra-op threads beside a decode thread crawls on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_online_loop_learns_as_well_as_the_bare_trainer(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Same records in the same order, same seed, same number of steps: the loop (decode pipeline,
+    held-out split, replay mixed into every batch) ends with a validation loss within LOSS_TOLERANCE
+    of the bare trainer fed those records directly. Steps are counted, not seconds."""
+    loop_loss, bare_loss = loop_and_bare_loss(tmp_path, LoopConfig(poll_timeout_s=0.05))
+    assert loop_loss <= bare_loss + LOSS_TOLERANCE, (loop_loss, bare_loss)
+
+
+def loop_and_bare_loss(tmp_path, loop_cfg: LoopConfig, seed: int = 0) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Validation losses after STEPS_VS_BARE steps of the loop and of the bare trainer on its records."""
+    steps, batch_size = STEPS_VS_BARE, 64
+    tower = TowerConfig(32, 1, 64, head_dim=16)
+    arch = ArchConfig(tower, tower, TowerConfig(32, 0, 64, head_dim=16))
+    records = list(itertools.islice(iter_records("fashion-mnist", seed=3 + seed), steps * batch_size + 2000))
+    write_parquet_shards(records, str(tmp_path / "shards"), per_shard=4000)
+    transform = ImageTransform(arch.image_size, arch.channels)
+    tok = ByteTokenizer(arch.context_length)
+
+    def sample(r: Record) -> Sample:  # what the decode pipeline makes of the record
+        return Sample(r.id, torch.from_numpy(transform.pixels(r.image, RecordLimits())), r.caption)
+
+    val_records = itertools.islice(iter_records("fashion-mnist", split="test", seed=0), 512)
+    val = list(full_batches([sample(r) for r in val_records], 128, tok))
+    train = TrainConfig(batch_size=batch_size, seed=seed)
+
+    torch.manual_seed(seed)
+    rec = Recorder()
+    loop = OnlineLoop(
+        source=ShardSource(str(tmp_path / "shards")),
+        dead_letter=ShardDeadLetter(str(tmp_path / "dead.jsonl")),
+        pipeline=DecodePipeline(Decoder(transform, RecordLimits()), loop_cfg.holdout_fraction, 1, "thread"),
+        tokenizer=tok,
+        trainer=OnlineTrainer(GrowCLIP(arch), train),
+        growth=GrowthController(GrowthConfig(enabled=False), train),
+        cfg=loop_cfg,
+        publish=rec.publish,
+        observer=rec,
+    )
+    try:
+        run_until(loop, lambda: loop.trainer.step >= steps, timeout_s=500)
+    finally:
+        loop.pipeline.close()
+    assert loop.trainer.step == steps and any(s.fresh < s.batch_size for s in rec.steps)  # replay ran
+    loop_loss = loop.trainer.eval_loss(val)
+
+    torch.manual_seed(seed)
+    bare = OnlineTrainer(GrowCLIP(arch), train)
+    fresh = [sample(r) for r in records if not is_held_out(r.id, loop_cfg.holdout_fraction)]
+    for batch in itertools.islice(full_batches(fresh, batch_size, tok), steps):
+        bare.train_step(batch)
+    bare_loss = bare.eval_loss(val)
+    assert loop_loss is not None and bare_loss is not None
+    return loop_loss, bare_loss

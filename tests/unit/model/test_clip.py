@@ -194,3 +194,22 @@ def test_forward_marks_identical_captions_as_positives() -> None:
         [True, False, True, False],
         [False, False, False, True],
     ]
+
+
+@pytest.mark.parametrize("width", [32, 128])
+def test_init_scales_with_width(width: int) -> None:
+    # N(0, 1/fan_in) matrices (a fixed 0.02 is ~9x too small at width 32, and learning suffers),
+    # residual writes a further sqrt(2 x depth) smaller, token embeddings N(0, 0.02)
+    torch.manual_seed(0)
+    tower = TowerConfig(width, 2, 4 * width, head_dim=16)
+    model = GrowCLIP(ArchConfig(tower, tower, TowerConfig(width, 0, 64, head_dim=16)))
+    block = model.text.blocks[1]
+    for weight, std in [
+        (block.attn.qkv.weight, width**-0.5),
+        (block.mlp.fc1.weight, width**-0.5),
+        (block.attn.out.weight, width**-0.5 / 2),  # depth 2: / sqrt(4)
+        (block.mlp.fc2.weight, (4 * width) ** -0.5 / 2),
+        (model.proj.weight, width**-0.5),
+        (model.text.token_embed.weight, 0.02),
+    ]:
+        assert math.isclose(float(weight.detach().std()), std, rel_tol=0.1), (tuple(weight.shape), std)
