@@ -332,8 +332,15 @@ def init_weights(module: nn.Module, generator: torch.Generator | None = None, de
 
 
 def same_caption(tokens: torch.Tensor) -> torch.Tensor:
-    """(B, T) token ids -> (B, B) bool: which pairs of rows are the same caption (equal token rows)."""
-    return (tokens[:, None, :] == tokens[None, :, :]).all(dim=-1)
+    """(B, T) token ids -> (B, B) bool: which pairs of rows are the same caption (equal token rows).
+
+    Compared one token position at a time into one (B, B) mask, never as a (B, B, T) tensor
+    (1.3 GB at B = 4096, T = 77); under torch.compile the loop fuses into one kernel.
+    """
+    same = torch.ones(tokens.shape[0], tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    for column in tokens.unbind(dim=1):  # (B,) ids at one position
+        same &= column[:, None] == column[None, :]
+    return same
 
 
 @dataclass(frozen=True)
@@ -422,18 +429,28 @@ class ClipLoss(nn.Module):
 
     def per_sample(self, out: ClipOutput) -> torch.Tensor:
         """(B,) each pair's share of the loss (its image's row and its text's column); their mean is
-        the loss. Paired comparisons of two models on the same samples use them (growth selection)."""
-        logits = out.logit_scale * out.image_embeds @ out.text_embeds.T  # (B, B) image x text
+        the loss. Paired comparisons of two models on the same samples use them (growth selection).
+
+        Always in fp32, also inside a bf16 autocast region (the growth search runs in one): bf16
+        logits would round the loss to ~0.01, coarser than the differences selection compares.
+        """
+        with torch.autocast(out.image_embeds.device.type, enabled=False):
+            return self._per_sample(out)
+
+    def _per_sample(self, out: ClipOutput) -> torch.Tensor:
+        # Cross-entropy against targets t = positives / count is logsumexp(row) - sum(t * row), so
+        # both directions need only the logits, one masked copy of them and reductions along either
+        # dimension: no transposed copies, no float target matrices (each (B, B) is 64 MB at 4096).
+        image, text = out.image_embeds.float(), out.text_embeds.float()
+        logits = out.logit_scale.float() * image @ text.T  # (B, B) image x text
         if out.positives is None:
-            labels = torch.arange(logits.shape[0], device=logits.device)
-            image_to_text = F.cross_entropy(logits, labels, reduction="none")
-            text_to_image = F.cross_entropy(logits.T, labels, reduction="none")
-            return (image_to_text + text_to_image) / 2
-        pos = out.positives.to(logits.dtype)  # (B, B), the diagonal always set
+            diag = logits.diagonal()  # (B,) the pairs themselves
+            return (logits.logsumexp(dim=1) - diag + logits.logsumexp(dim=0) - diag) / 2
+        pos = out.positives  # (B, B) bool, the diagonal always set
         per_image, per_text = pos.sum(dim=1), pos.sum(dim=0)  # (B,) positives of each row / column
-        # targets sum to 1 per row
-        image_to_text = F.cross_entropy(logits, pos / per_image[:, None], reduction="none")
-        text_to_image = F.cross_entropy(logits.T, pos.T / per_text[:, None], reduction="none")
+        on_pos = torch.where(pos, logits, 0.0)  # (B, B)
+        image_to_text = logits.logsumexp(dim=1) - on_pos.sum(dim=1) / per_image  # (B,)
+        text_to_image = logits.logsumexp(dim=0) - on_pos.sum(dim=0) / per_text  # (B,)
         # Minus the targets' entropy (log of the positives' count): the KL divergence, the same
         # gradients, and 0 for a perfect model however often captions repeat.
         return (image_to_text - per_image.log() + text_to_image - per_text.log()) / 2
