@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Precision = Literal["fp32", "bf16"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 @dataclass(frozen=True)
@@ -17,8 +23,17 @@ class TrainConfig:
     rewarm_steps: int = 30  # linear re-warmup after every growth, so fresh optimizer state starts gently
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # any torch device string: cpu, cuda, cuda:1 (checked present at daemon start)
     torch_threads: int = 0  # intra-op threads for training; 0 = leave torch's default
+    # fp32: everything in fp32. bf16: forward passes (training, evaluation, growth search, serving)
+    # under bf16 autocast; weights, optimizer state, the loss and growth operators stay fp32
+    precision: Precision = "fp32"
+    compile: bool = False  # torch.compile the forward+loss (and so its backward); rebuilt after each growth
+    compile_backend: str = "inductor"  # a torch.compile backend; "aot_eager"/"eager" compile fast (tests)
+    compile_mode: CompileMode = "default"  # inductor's mode; "reduce-overhead" adds CUDA graphs
+    fused_adam: bool | Literal["auto"] = "auto"  # auto: the fused AdamW kernel on CUDA, foreach elsewhere
+    # recompute each transformer block's activations in the backward pass: less memory, ~1/3 more compute
+    activation_checkpointing: bool = False
 
     __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012 - read by the daemon's config validation
 
@@ -31,3 +46,11 @@ class TrainConfig:
             raise ValueError("warmup_steps and rewarm_steps must be >= 0")
         if self.grad_clip < 0:
             raise ValueError("grad_clip must be >= 0")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device {self.device!r} is not a torch device: {err}") from None
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if not (isinstance(self.fused_adam, bool) or self.fused_adam == "auto"):
+            raise ValueError(f"fused_adam must be true, false or auto, got {self.fused_adam!r}")

@@ -268,7 +268,11 @@ class OnlineLoop:
 
     def _train(self, fresh: list[Sample], data_wait_s: float, replay: bool = True) -> None:
         replayed = self.replay.sample(self.replay_per_batch, {s.id for s in fresh}) if replay else []
-        batch = collate(fresh + replayed, self.tokenizer)
+        # on an accelerator, raw uint8 pixels cross to it (pinned for CUDA) and are normalised there
+        on_device = self.trainer.device.type != "cpu"
+        batch = collate(
+            fresh + replayed, self.tokenizer, uint8=on_device, pin_memory=self.trainer.device.type == "cuda"
+        )
         train_batch = Batch(batch.images, batch.tokens, batch.ids, replayed=len(replayed))
         stats = self.trainer.train_step(train_batch)
         for sample in fresh:
@@ -330,24 +334,27 @@ class OnlineLoop:
 
             def search() -> None:
                 try:
-                    future.set_result(
-                        self.growth.search(
+                    with self.trainer.autocast():  # autocast is per thread: the search's own
+                        plan = self.growth.search(
                             model, trigger=trigger, train_batches=batches, holdout_batches=holdout
                         )
-                    )
+                    future.set_result(plan)
                 except BaseException as err:  # reported in the loop thread
                     future.set_exception(err)
 
             threading.Thread(target=search, name="growth-search", daemon=True).start()
             log.info("growth search started beside training", extra={"trigger": trigger})
             return None
-        plan = self.growth.search(
-            self.trainer.model,
-            trigger=trigger,
-            train_batches=self._supernet_batches(),
-            holdout_batches=holdout,
-            optimizer=self.trainer.optimizer,
-        )
+        # The supernet's forward passes run in the trainer's precision; weights, growth operators
+        # and PIM stay exact fp32 (autocast only casts matmul inputs, never parameters).
+        with self.trainer.autocast():
+            plan = self.growth.search(
+                self.trainer.model,
+                trigger=trigger,
+                train_batches=self._supernet_batches(),
+                holdout_batches=holdout,
+                optimizer=self.trainer.optimizer,
+            )
         return self._apply(plan, trigger, start)
 
     def _finish_search(self) -> None:

@@ -6,16 +6,20 @@ grow, or who serves the weights: the engine around it wires those together.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from growclip_stream.batch import Batch
+from growclip_stream.data.images import normalize
 from growclip_stream.model import ClipLoss, GrowCLIP
 from growclip_stream.optim import build_optimizer
 from growclip_stream.train.config import TrainConfig
+from growclip_stream.train.step import CompileCounter, TrainStep, autocast, fused_adam
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,10 @@ class OnlineTrainer:
         self._warm_from = 0  # step at which the current (re-)warmup started
         self._warm_len = cfg.warmup_steps
         self.model = model.to(self.device).train()
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.optimizer = build_optimizer(self.model, cfg, fused=fused_adam(cfg.fused_adam, self.device))
+        # precision, compile and checkpointing of the forward+loss (train/step.py); rebuilt on growth
+        self.compile_counter = CompileCounter(cfg.compile_backend, cfg.compile_mode)
+        self.forward_loss = TrainStep(self.model, self.loss_fn, cfg, self.device, self.compile_counter)
 
     def lr_at(self, step: int) -> float:
         """Linear warmup at start and re-warmup after each growth, then constant: the stream has no end."""
@@ -53,9 +60,8 @@ class OnlineTrainer:
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        images = batch.images.to(self.device, non_blocking=True)
-        tokens = batch.tokens.to(self.device, non_blocking=True)
-        loss = self.loss_fn(self.model(images, tokens))
+        images, tokens = self.to_device(batch)
+        loss = self.forward_loss(images, tokens)[0]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip > 0:
@@ -74,7 +80,8 @@ class OnlineTrainer:
         self.model.eval()
         total, count = 0.0, 0
         for batch in batches:
-            out = self.model(batch.images.to(self.device), batch.tokens.to(self.device))
+            with self.autocast():
+                out = self.model(*self.to_device(batch))
             total += float(self.loss_fn(out)) * len(batch)
             count += len(batch)
         self.model.train(was_training)
@@ -91,13 +98,34 @@ class OnlineTrainer:
         Growth changes parameter shapes, so everything wrapping the parameters (the optimizer
         here; compile or DDP later) is rebuilt explicitly, and the learning rate re-warms.
         """
+        self.forward_loss.close()
         self.model = model.to(self.device).train()
-        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.optimizer = build_optimizer(
+            self.model, self.cfg, fused=fused_adam(self.cfg.fused_adam, self.device)
+        )
+        self.forward_loss = TrainStep(self.model, self.loss_fn, self.cfg, self.device, self.compile_counter)
         self._warm_from = self.step
         self._warm_len = self.cfg.rewarm_steps
 
     def restore_from(self, other: OnlineTrainer) -> None:
         """Take over `other`'s model, optimizer and learning-rate schedule, keeping this trainer's
         step and sample counts: a growth rolled back to the base model trained beside it."""
-        self.model, self.optimizer = other.model, other.optimizer
+        if other.forward_loss is not self.forward_loss:
+            self.forward_loss.close()  # the grown model's compiled step goes with it
+        self.model, self.optimizer, self.forward_loss = other.model, other.optimizer, other.forward_loss
         self._warm_from, self._warm_len = other._warm_from, other._warm_len
+
+    def to_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's images and tokens on the training device, images normalised to float32.
+
+        uint8 pixels (collate's `raw=True`, pinned for a GPU) cross to the device at a quarter of
+        the bytes of float32 and in one non-blocking copy; they are normalised there.
+        """
+        images = batch.images.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = normalize(images)
+        return images, batch.tokens.to(self.device, non_blocking=True)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The forward passes' precision (train.precision); the growth search runs under it too."""
+        return autocast(self.device, self.cfg.precision)
