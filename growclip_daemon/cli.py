@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import httpx
 import typer
 
-from growclip_daemon.config import ConfigError, DaemonConfig, load_config
+from growclip_daemon.config import ConfigError, DaemonConfig, check_runtime, load_config
 
 if TYPE_CHECKING:
     from growclip_stream.checkpoint import Checkpoint
@@ -43,6 +43,11 @@ def start(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     from growclip_daemon.logs import setup_logging
 
     cfg = _config(config, set_)
+    try:
+        check_runtime(cfg)
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     setup_logging(cfg.log_level, cfg.log_format)
     raise typer.Exit(Daemon(cfg).run())
 

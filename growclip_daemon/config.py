@@ -19,6 +19,7 @@ from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.model import ArchConfig, TowerConfig
 from growclip_stream.train.config import TrainConfig
 from growclip_stream.train.loop import LoopConfig
+from growclip_stream.train.step import DeviceUnavailable, check_device
 
 
 class Strict(BaseModel):
@@ -216,6 +217,18 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def check_runtime(cfg: DaemonConfig) -> None:
+    """What a config can only be checked against on the machine that runs it: the training device.
+
+    `load_config` validates a file anywhere (a GPU config validates on a laptop); the daemon calls
+    this at start, so a missing device is one clear error instead of a failure deep in start-up.
+    """
+    try:
+        check_device(cfg.train.device)
+    except DeviceUnavailable as err:
+        raise ConfigError(f"train.device: {err}") from None
 
 
 def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DaemonConfig:
