@@ -92,7 +92,7 @@ class MetricsObserver:
         m.train_samples.inc(stats.fresh)
         m.train_loss.set(stats.loss)
         m.train_step_seconds.observe(stats.seconds)
-        m.train_data_wait.inc(data_wait_s)
+        m.train_data_wait.observe(data_wait_s)
         self.samples_per_s = stats.batch_size / max(stats.seconds + data_wait_s, 1e-9)
         m.train_throughput.set(self.samples_per_s)
         if self.first_loss is None:
@@ -211,6 +211,7 @@ class TrainingService(ThreadService):
         samples_trained: int,
         growth_history: Sequence[dict],
     ) -> None:
+        train = self.cfg.train
         snap = ModelSnapshot.capture(
             model,
             generation=generation,
@@ -218,6 +219,8 @@ class TrainingService(ThreadService):
             samples_trained=samples_trained,
             growth_history=growth_history,
             run=self.run_id,
+            # on a GPU, serving answers from a bf16 copy when training runs in bf16
+            dtype=torch.bfloat16 if train.precision == "bf16" and train.device.startswith("cuda") else None,
         )
         self.store.publish(snap)
         self.metrics.set_model(snap)
@@ -246,7 +249,6 @@ class TrainingService(ThreadService):
             method=cfg.data.decode_method,
             max_in_flight=4 * cfg.train.batch_size,
             stall_timeout_s=cfg.data.decode_stall_timeout_s,
-            pin_memory=cfg.train.device.startswith("cuda"),
         )
         self.pipeline.start()
         self.loop = OnlineLoop(

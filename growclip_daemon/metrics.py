@@ -107,11 +107,13 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
-        self.train_data_wait = Counter(
-            "train_data_wait_seconds",
-            "Time the trainer spent waiting for the next batch.",
+        self.train_data_wait = Histogram(
+            "train_data_wait_duration_seconds",
+            "Time the trainer waited for each batch, per step (its _sum is the total wait): an input "
+            "path that cannot keep an accelerator busy shows here.",
             namespace=ns,
             registry=r,
+            buckets=(0.0, *TRAIN_STEP_BUCKETS),
         )
         self.eval_loss = Gauge(
             "eval_holdout_loss",

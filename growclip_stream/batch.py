@@ -13,7 +13,7 @@ import torch
 
 @dataclass(frozen=True)
 class Batch:
-    images: torch.Tensor  # (B, C, H, W) float32
+    images: torch.Tensor  # (B, C, H, W) float32 in [-1, 1], or uint8 pixels (normalised on the device)
     tokens: torch.Tensor  # (B, T) int64
     ids: tuple[str, ...]
     replayed: int = 0  # how many of the samples (at the end) are replayed, not fresh from the stream

@@ -17,10 +17,17 @@ Requests are batched across clients by the service (``growclip_daemon.batching``
 offers the two halves a batcher needs: per-request preparation (:meth:`ModelSnapshot.tokenize`,
 :meth:`ModelSnapshot.decode_images`) and one forward pass over the concatenation
 (:meth:`ModelSnapshot.embed_tokens`, :meth:`ModelSnapshot.embed_pixels`).
+
+On a GPU the snapshot lives on the training device (optionally in bf16), beside the training
+model. The copy is made on a side CUDA stream that first waits for the training stream's queued
+work, and the training stream then waits (on the device, the host never blocks) for the copy to
+finish before it changes the weights again; requests run on their own serving stream, which waits
+for the same event before the snapshot's first use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
@@ -88,6 +95,7 @@ class ModelSnapshot:
     samples_trained: int
     growth_history: tuple[dict[str, Any], ...]  # private copies of the trainer's records
     published_at: float  # time.time() at capture
+    ready: torch.cuda.Event | None = None  # recorded after a CUDA copy; inference waits for it
     _tokenizer: ByteTokenizer = field(init=False, repr=False, compare=False)
     _transform: ImageTransform = field(init=False, repr=False, compare=False)
 
@@ -106,11 +114,12 @@ class ModelSnapshot:
         samples_trained: int,
         growth_history: Sequence[Mapping[str, Any]],
         run: str = "",
+        dtype: torch.dtype | None = None,
     ) -> ModelSnapshot:
         """Copy ``model`` into a new snapshot. Call it from the thread that trains ``model``
-        (between steps), so that the copy sees one consistent set of weights."""
-        with torch.no_grad():
-            copied = copy.deepcopy(model)
+        (between steps), so that the copy sees one consistent set of weights. ``dtype`` (e.g.
+        bf16 for serving on a GPU) casts the copy; None keeps the model's."""
+        copied, ready = _copy_model(model, dtype)
         copied.eval()
         copied.requires_grad_(False)
         for p in copied.parameters():
@@ -123,7 +132,27 @@ class ModelSnapshot:
             samples_trained=samples_trained,
             growth_history=tuple(copy.deepcopy(dict(event)) for event in growth_history),
             published_at=time.time(),
+            ready=ready,
         )
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.proj.weight.dtype
+
+    def _infer(self) -> contextlib.AbstractContextManager[Any]:
+        """Inference mode, on the serving stream of the snapshot's CUDA device (after its copy)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.device.type == "cuda":
+            stream = _side_stream(self.device, "serve")
+            stack.enter_context(torch.cuda.stream(stream))
+            if self.ready is not None:
+                stream.wait_event(self.ready)
+        return stack
 
     @property
     def arch(self) -> ArchConfig:
@@ -174,13 +203,14 @@ class ModelSnapshot:
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, embed_dim) float32 L2-normalised text embeddings of (N, T) token ids."""
-        with torch.inference_mode():
-            return self.model.encode_text(tokens).float()
+        with self._infer():
+            return self.model.encode_text(tokens.to(self.device, non_blocking=True)).float().cpu()
 
     def embed_pixels(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, embed_dim) float32 L2-normalised image embeddings of a (N, C, H, W) pixel batch."""
-        with torch.inference_mode():
-            return self.model.encode_image(batch).float()
+        with self._infer():
+            batch = batch.to(self.device, self.dtype, non_blocking=True)
+            return self.model.encode_image(batch).float().cpu()
 
     def embed_texts(self, texts: Sequence[str | TokenIds]) -> torch.Tensor:
         """(N, embed_dim) float32 L2-normalised text embeddings."""
@@ -270,6 +300,41 @@ class SnapshotStore:
         with self._lock:
             self._published.wait_for(lambda: self._current is not None, timeout)
             return self._current
+
+
+_SIDE_STREAMS: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
+_SIDE_STREAMS_LOCK = threading.Lock()
+
+
+def _side_stream(device: torch.device, role: str) -> torch.cuda.Stream:
+    """One long-lived CUDA stream per device and role ("copy" for snapshots, "serve" for requests)."""
+    key = (device, role)
+    with _SIDE_STREAMS_LOCK:
+        if key not in _SIDE_STREAMS:
+            _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+        return _SIDE_STREAMS[key]
+
+
+def _copy_model(model: GrowCLIP, dtype: torch.dtype | None) -> tuple[GrowCLIP, torch.cuda.Event | None]:
+    """A private copy of ``model`` (cast to ``dtype``); on CUDA made on a side stream, with its event."""
+    device = model.proj.weight.device
+    with torch.no_grad():
+        if device.type != "cuda":
+            copied = copy.deepcopy(model)
+            return (copied if dtype is None else copied.to(dtype)), None
+        train_stream = torch.cuda.current_stream(device)
+        side = _side_stream(device, "copy")
+        side.wait_stream(train_stream)  # the copy reads the weights after the queued step
+        with torch.cuda.stream(side):
+            copied = copy.deepcopy(model)
+            if dtype is not None:
+                copied = copied.to(dtype)
+            ready = side.record_event()
+        # the training stream must not update the weights under the copy; the host does not wait
+        train_stream.wait_event(ready)
+        for t in model.parameters():
+            t.record_stream(side)  # the allocator must not recycle a source read on the side stream
+        return copied, ready
 
 
 def _count(module: torch.nn.Module) -> int:

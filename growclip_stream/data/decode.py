@@ -29,9 +29,10 @@ over worker threads or processes:
   two processes against 0.22 with two threads for ~2 KB images (the GIL-bound share is larger);
   for ~20 KB images threads edge ahead, 0.52 against 0.48, since no message is copied to another
   process (``bench/ingest.py``, ``bench/README.md``).
-- **pin_memory**: set it when the trainer's device is CUDA; images then come out in page-locked
-  memory (torchdata's ``PinMemory`` node), so ``tensor.to("cuda", non_blocking=True)`` copies
-  asynchronously. It needs a CUDA build of torch and a GPU; it is not exercised by the CPU tests.
+- **pin_memory**: images come out one by one in page-locked memory (torchdata's ``PinMemory``
+  node). The daemon leaves it off: stacking pinned samples makes an unpinned batch, so
+  ``pipeline.collate(..., pin_memory=True)`` pins the stacked batch instead, the one tensor that is
+  copied to the GPU. It needs a CUDA build of torch and a GPU; it is not exercised by the CPU tests.
 - **A worker process that dies** (a decoder library crashing on hostile bytes, the OOM killer)
   would otherwise stall the pipeline for good: torchdata waits for its results forever.
   :meth:`~DecodePipeline.take` checks the workers every ``_WATCH_INTERVAL_S``; when one is gone,

@@ -48,9 +48,27 @@ class Decoder:
         return Sample(record.id, image, record.caption)
 
 
-def collate(samples: Sequence[Sample], tokenizer: ByteTokenizer) -> Batch:
+def collate(
+    samples: Sequence[Sample], tokenizer: ByteTokenizer, *, uint8: bool = False, pin_memory: bool = False
+) -> Batch:
+    """One batch: images normalised to float32, or with `uint8` the raw pixels (a quarter of the bytes
+    to copy to an accelerator, which normalises them there: `OnlineTrainer.to_device`).
+
+    `pin_memory` stacks the uint8 pixels straight into page-locked memory, so the batch crosses to
+    a CUDA device in one asynchronous copy (pinning each sample before the stack would not help:
+    the stack makes a new, unpinned tensor). It needs a CUDA device.
+    """
+    if pin_memory and not uint8:
+        raise ValueError(
+            "pin_memory needs uint8=True: normalising on the CPU would make a new, unpinned tensor"
+        )
+    first = samples[0].image
+    out = None
+    if pin_memory:
+        out = torch.empty((len(samples), *first.shape), dtype=first.dtype, pin_memory=True)
+    images = torch.stack([s.image for s in samples], out=out)  # (B, C, H, W) uint8
     return Batch(
-        images=normalize(torch.stack([s.image for s in samples])),  # (B, C, H, W) float32
+        images=images if uint8 else normalize(images),  # (B, C, H, W) uint8, or float32 in [-1, 1]
         tokens=tokenizer.encode([s.caption for s in samples]),  # (B, T)
         ids=tuple(s.id for s in samples),
     )

@@ -24,7 +24,7 @@ EXPECTED_FAMILIES = {
     "growclip_train_loss": "gauge",
     "growclip_train_step_duration_seconds": "histogram",
     "growclip_train_samples_per_second": "gauge",
-    "growclip_train_data_wait_seconds_total": "counter",
+    "growclip_train_data_wait_duration_seconds": "histogram",
     "growclip_eval_holdout_loss": "gauge",
     "growclip_eval_zeroshot_top1_ratio": "gauge",
     "growclip_eval_retrieval_recall_ratio": "gauge",
@@ -281,3 +281,19 @@ def test_growth_decisions_and_search_work_are_exported() -> None:
     assert r.get_sample_value("growclip_growth_search_flops") == 1e12
     assert r.get_sample_value("growclip_growth_search_fraction", {"basis": "wall"}) == 0.1
     assert r.get_sample_value("growclip_growth_search_fraction", {"basis": "flops"}) == 0.1
+
+
+def test_data_wait_is_observed_per_step() -> None:
+    from growclip_daemon.engine import MetricsObserver
+    from growclip_stream.train.trainer import StepStats
+
+    m = Metrics()
+    observer = MetricsObserver(m, source_label="kafka")
+    for wait in (0.02, 3.0, 0.0):
+        observer.on_step(StepStats(1, 1.0, 1e-3, 0.1, 8, 8), data_wait_s=wait)
+    r = m.registry
+    name = "growclip_train_data_wait_duration_seconds"
+    assert r.get_sample_value(f"{name}_count") == 3
+    assert r.get_sample_value(f"{name}_sum") == pytest.approx(3.02)
+    assert r.get_sample_value(f"{name}_bucket", {"le": "0.0"}) == 1  # steps that found a batch ready
+    assert r.get_sample_value(f"{name}_bucket", {"le": "0.025"}) == 2
