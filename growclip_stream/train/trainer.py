@@ -95,8 +95,9 @@ class OnlineTrainer:
     def swap_model(self, model: GrowCLIP) -> None:
         """Install a grown model.
 
-        Growth changes parameter shapes, so everything wrapping the parameters (the optimizer
-        here; compile or DDP later) is rebuilt explicitly, and the learning rate re-warms.
+        Growth changes parameter shapes, so everything wrapping the parameters (the optimizer,
+        the compiled step: one recompilation; DDP later) is rebuilt explicitly, and the learning
+        rate re-warms.
         """
         self.forward_loss.close()
         self.model = model.to(self.device).train()
