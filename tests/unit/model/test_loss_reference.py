@@ -50,3 +50,14 @@ def test_loss_matches_soft_target_cross_entropy() -> None:
         g_want = torch.autograd.grad(want, (img, txt))
         for a, b in zip(g_got, g_want, strict=True):
             assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_loss_is_fp32_inside_autocast() -> None:
+    g = torch.Generator().manual_seed(1)
+    img = F.normalize(torch.randn(32, 16, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(32, 16, generator=g), dim=-1)
+    out = ClipOutput(img, txt, torch.tensor(30.0), same_caption(_captions(32, 5, 8, 3)))
+    want = ClipLoss()(out)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ClipLoss()(out)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-6)
