@@ -320,19 +320,25 @@ class SuiteResult:
 
 @torch.inference_mode()
 def embed_images(model: GrowCLIP, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """(N, D) L2-normalised image embeddings, in batches."""
+    """(N, D) L2-normalised float32 image embeddings on the CPU, in batches (the model may be on
+    a GPU and in bf16, as a serving snapshot there is)."""
+    weight = model.proj.weight
     return torch.cat(
-        [model.encode_image(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        [
+            model.encode_image(images[i : i + batch_size].to(weight.device, weight.dtype)).float().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
     )
 
 
 @torch.inference_mode()
 def embed_texts(model: GrowCLIP, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """(N, D) L2-normalised text embeddings, in batches."""
+    """(N, D) L2-normalised float32 text embeddings on the CPU, in batches."""
     tok = ByteTokenizer(model.arch.context_length)
+    device = model.proj.weight.device
     return torch.cat(
         [
-            model.encode_text(tok.encode(list(texts[i : i + batch_size])))
+            model.encode_text(tok.encode(list(texts[i : i + batch_size])).to(device)).float().cpu()
             for i in range(0, len(texts), batch_size)
         ]
     )

@@ -37,3 +37,18 @@ def test_bf16_snapshot_matches_fp32() -> None:
     ):
         assert got.dtype == torch.float32 and got.device.type == "cpu"
         assert float(F.cosine_similarity(got, want, dim=-1).min()) > 0.99
+
+
+def test_evaluation_embeds_with_a_bf16_snapshot() -> None:
+    from growclip_stream.evaluation import embed_images, embed_texts
+
+    model = randomized(GrowCLIP(tiny_arch()), seed=5)
+    kw: dict = {"generation": 0, "step": 1, "samples_trained": 1, "growth_history": []}
+    fp32 = ModelSnapshot.capture(model, **kw)
+    bf16 = ModelSnapshot.capture(model, dtype=torch.bfloat16, **kw)
+    a = model.arch
+    images = torch.rand(5, a.channels, a.image_size, a.image_size) * 2 - 1
+    got, want = embed_images(bf16.model, images, batch_size=2), embed_images(fp32.model, images)
+    assert got.dtype == torch.float32 and float(F.cosine_similarity(got, want, dim=-1).min()) > 0.99
+    got, want = embed_texts(bf16.model, ["a", "bb", "ccc"]), embed_texts(fp32.model, ["a", "bb", "ccc"])
+    assert got.dtype == torch.float32 and float(F.cosine_similarity(got, want, dim=-1).min()) > 0.99
