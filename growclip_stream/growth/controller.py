@@ -255,9 +255,10 @@ class GrowthController:
         searched (nothing fits the bounds, no held-out data, no search budget left: `last_refusal`).
 
         The search is sized to its budget (`search_budget_fraction` of all work so far, by FLOPs and
-        by wall time): scoring whole held-out batches first, then as many supernet steps as the rest
-        allows, up to `supernet_steps`. A forced growth (an operator's explicit request) is not
-        bounded. The work it did is added to the ledger.
+        by wall time): whole held-out batches to score (one, then more while scoring stays within
+        half the allowance), then as many supernet steps as the rest allows, up to
+        `supernet_steps`. A forced growth (an operator's explicit request) is not bounded. The work
+        it did is added to the ledger.
         """
         self.last_refusal = ""
         if self.cfg.policy == "plan":
@@ -345,8 +346,9 @@ class GrowthController:
         )
         step_flops = float(TRAIN_FLOPS_FACTOR * batch_size * members)
         kept: list[Batch] = []
-        for batch in holdout:  # whole batches, as many as the budget pays for
-            if (sum(len(b) for b in kept) + len(batch)) * per_sample > allow_flops:
+        for batch in holdout:  # whole batches: the first if the budget pays for it, more within half
+            limit = allow_flops / 2 if kept else allow_flops  # the rest trains the supernet
+            if (sum(len(b) for b in kept) + len(batch)) * per_sample > limit:
                 break
             kept.append(batch)
         scoring = sum(len(b) for b in kept) * per_sample
