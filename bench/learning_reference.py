@@ -429,9 +429,25 @@ def summarise(runs: list[dict[str, Any]], arms: Sequence[str]) -> dict[str, Any]
     return out
 
 
+def table(tag: str) -> str:
+    """The committed experiment as a markdown table: medians over seeds, per arm and checkpoint."""
+    exp = json.loads(RESULTS.read_text())["experiments"][tag]
+    lines = ["| arm | step | top-1 (1 prompt) | top-1 (4 prompts) | paired top-1 vs first arm | seeds |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for arm, rows in exp["summary"].items():
+        for step, row in rows.items():
+            paired = row.get("paired_top1_minus_first_arm")
+            lines.append(f"| `{arm}` | {step} | {row['top1']:.3f} | {row['top1_ensemble']:.3f} | "
+                         f"{'' if paired is None else f'{paired:+.3f}'} | {row['seeds']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--tag", required=True, help="experiment name: results merge under it")
+    ap.add_argument(
+        "--table", metavar="TAG", help="print the committed experiment TAG as a table, run nothing"
+    )
+    ap.add_argument("--tag", help="experiment name: results merge under it")
     ap.add_argument("--arms", nargs="+", default=["reference", "growclip:init=legacy,ctx=32"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=1000)
@@ -440,6 +456,11 @@ def main() -> None:
     ap.add_argument("--note", default="")
     ap.add_argument("--quick", action="store_true", help="60 steps, one seed; results to /tmp only")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
+    if not args.tag:
+        ap.error("--tag is required to run")
     if args.quick:
         args.steps, args.seeds = 60, args.seeds[:1]
     eval_at = sorted(set(args.eval_at or [s for s in (300, 600, 1000, 1500, 2000, 2440) if s < args.steps]) |

@@ -418,7 +418,7 @@ class ClipLoss(nn.Module):
     softmax whose target spreads evenly over its positives (`ClipOutput.positives`: the pair itself
     and every pair with an identical caption). Captions repeat in real data (a batch of 128
     Fashion-MNIST captions holds ~80 identical pairs); one-hot targets make them negatives of each
-    other, so the loss can never fall below ~0.9 nats there however right the model is. Identical
+    other, so the loss can never fall below ~0.7 nats there however right the model is. Identical
     token rows get identical text embeddings, so these targets give the same gradients as one-hot
     ones; what changes is the loss's meaning: it is the KL divergence from the targets, 0 when
     perfect, comparable across batches that repeat captions more or less often.
