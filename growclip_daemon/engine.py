@@ -432,6 +432,7 @@ class TrainingService(ThreadService):
                 "holdout_loss": loop.last_eval_loss,
                 "replay_samples": len(loop.replay),
                 "growth_search_running": loop.searching,
+                "growth_guard_running": loop.guarding,
                 "last_checkpoint": self.last_checkpoint,
             },
             "source": {
@@ -445,6 +446,8 @@ class TrainingService(ThreadService):
     def request_grow(self) -> dict[str, Any]:
         if self.loop is None:
             raise ControlRejected("training has not started")
+        if self.loop.searching or self.loop.guarding:
+            raise ControlRejected("a growth is already running (its search, or its guard window)")
         self.loop.request_grow()
         return {"accepted": True, "detail": "growth runs at the next training step"}
 

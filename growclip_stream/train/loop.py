@@ -179,6 +179,11 @@ class OnlineLoop:
     def searching(self) -> bool:
         return self._search is not None
 
+    @property
+    def guarding(self) -> bool:
+        """A fresh growth is on trial against the base trained beside it (no other growth starts)."""
+        return self._guard is not None
+
     # -- the loop thread -------------------------------------------------------------------
     def run(
         self,

@@ -132,7 +132,10 @@ def test_a_growth_that_made_things_worse_is_rolled_back(tmp_path: Path) -> None:
     run_until(loop, lambda: len(loop.holdout) >= 32 and len(rec.steps) >= 4)
     base_arch = loop.trainer.model.arch
     loop.request_grow()
+    run_until(loop, lambda: loop.guarding)
+    assert loop.grow_now("forced") is None and len(ctrl.history) == 1  # no second growth in the window
     run_until(loop, lambda: len(rec.growths) >= 2)
+    assert not loop.guarding
     grown, rolled = ctrl.history
     assert grown.outcome == "grown" and rolled.outcome == "rolled_back" and rolled.trigger == "guard"
     assert grown.guard["verdict"] == "rolled_back" and grown.guard["steps"] == 6
