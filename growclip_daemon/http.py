@@ -68,6 +68,7 @@ from growclip_stream.serving import (
 log = logging.getLogger(__name__)
 
 MODEL_VERSION_HEADER = "X-Growclip-Model-Version"
+KEEP_ALIVE_S = 75  # seconds an idle client connection is kept open
 MODEL_NAME = "growclip"
 MODEL_PREFIX = MODEL_NAME + "@"
 ENCODING_FORMATS = ("float", "base64")
@@ -914,6 +915,9 @@ class HttpServer:
                 log_config=None,  # leave logging to the daemon; uvicorn logs through its loggers
                 access_log=False,  # requests are counted in metrics; no log line per request
                 timeout_graceful_shutdown=max(1, round(self._graceful_timeout_s)),
+                # Longer than clients' idle-connection expiry (httpx: 5 s, load balancers: 60 s), so
+                # the server never closes a kept-alive connection just as a client reuses it.
+                timeout_keep_alive=KEEP_ALIVE_S,
                 server_header=False,
             )
             server = uvicorn.Server(config)
