@@ -454,6 +454,7 @@ def main() -> None:
     ap.add_argument("--eval-at", nargs="+", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--note", default="")
+    ap.add_argument("--append", action="store_true", help="add these runs to the tag's earlier ones")
     ap.add_argument("--quick", action="store_true", help="60 steps, one seed; results to /tmp only")
     args = ap.parse_args()
     if args.table:
@@ -481,6 +482,11 @@ def main() -> None:
 
 def save(path: Path, args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
     data = json.loads(path.read_text()) if path.exists() else {"experiments": {}}
+    if args.append and args.tag in data["experiments"]:  # more seeds for the same arms
+        old = data["experiments"][args.tag]
+        mine = {(r["arm"], r["seed"]) for r in runs}
+        runs = [r for r in old["runs"] if (r["arm"], r["seed"]) not in mine] + runs
+        args.seeds = sorted({r["seed"] for r in runs})
     data["machine"] = "2-core AMD EPYC VM, shared with other work (loaded); one torch thread per run"
     summary = summarise(runs, args.arms)
     data["experiments"][args.tag] = {"arms": args.arms, "seeds": args.seeds, "steps": args.steps,
