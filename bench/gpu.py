@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import importlib
 import json
@@ -462,12 +463,18 @@ def section_growth(args: argparse.Namespace, result: dict[str, Any]) -> None:
     start = time.perf_counter()
     with ServingLoad(snap, arch) as load:
         with trainer.autocast():
-            plan = controller.search(trainer.model, trigger="bench", train_batches=train_batches(),
+            # "forced": an operator's request, which the search budget does not bound
+            plan = controller.search(trainer.model, trigger="forced", train_batches=train_batches(),
                                      holdout_batches=holdout, optimizer=trainer.optimizer)  # fmt: skip
-        if plan is None:
-            out["error"] = "no growth candidate"
+        if plan is None or plan.supernet is None:
+            out["error"] = f"no search: {controller.last_refusal}"
             result["growth"] = out
             return
+        out["selection"] = plan.choice.reason
+        if plan.candidate is None:  # declined (random data: no real gain); grow into the union anyway
+            largest = max(plan.supernet.candidates, key=lambda c: (c.flops, c.params))
+            choice = dataclasses.replace(plan.choice, ops=largest.ops, reason="bench: the largest candidate")
+            plan = dataclasses.replace(plan, choice=choice, candidate=largest, declined=False)
         grown = controller.inherit(plan, trainer.model)
         sync(device)
         out["search_and_pim_s"] = round(time.perf_counter() - start, 2)
