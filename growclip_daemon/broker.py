@@ -11,21 +11,28 @@ Used by the demo config and the tests. Facts it is built on (DESIGN §6):
 - SIGINT stops it at once (SIGTERM takes ~5 s).
 
 The child runs in its own session, so a Ctrl-C in the terminal reaches only the daemon, which
-stops the broker after its own graceful shutdown (final checkpoint, offset commit).
+stops the broker after its own graceful shutdown (final checkpoint, offset commit). On Linux the
+child also dies with its parent: it asks the kernel for SIGKILL when the thread that started it
+ends (``prctl(PR_SET_PDEATHSIG)``), so a SIGKILLed daemon leaves no broker behind. Start the
+broker from a thread that lives as long as it should (the daemon's main thread does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import secrets
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -93,6 +100,11 @@ class EmbeddedBroker:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the started child has exited on its own; None while it runs."""
+        return None if self._proc is None else self._proc.poll()
+
     def start(self, timeout_s: float = 30) -> None:
         if self._proc is not None:
             raise RuntimeError("broker is already started")
@@ -126,6 +138,7 @@ class EmbeddedBroker:
             stderr=subprocess.STDOUT,
             env={**os.environ, "NO_COLOR": "1"},
             start_new_session=True,
+            preexec_fn=_die_with_parent(),
         )
         # Kills the child if this object is collected or the interpreter exits without stop().
         self._finalizer = weakref.finalize(self, _kill, proc)
@@ -218,6 +231,28 @@ def _terminate(proc: subprocess.Popen[bytes]) -> None:
             log.warning("broker ignored SIGINT; killing it", extra={"pid": proc.pid})
             proc.kill()
     proc.wait()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when its parent dies (Linux; None
+    elsewhere). Everything is looked up before the fork: between fork and exec the child only
+    calls prctl, checks its parent is still the one that forked it, and exits if not."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    prctl = libc.prctl
+    parent = os.getpid()
+    getppid, exit_now, sigkill = os.getppid, os._exit, int(signal.SIGKILL)
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
+        if getppid() != parent:  # the parent died before prctl took effect
+            exit_now(1)
+
+    return preexec
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

@@ -7,6 +7,7 @@ keys are rejected and every error names the offending field.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from growclip_stream.data.kafka_security import check_security, client_options
+from growclip_stream.data.kafka_source import KafkaSourceConfig
 from growclip_stream.evaluation import DEFAULT_SUITES, SuiteConfig
 from growclip_stream.growth.config import GrowthConfig
 from growclip_stream.model import ArchConfig, TowerConfig
@@ -26,30 +28,41 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class KafkaSettings(Strict):
-    bootstrap: str = "127.0.0.1:9092"  # ignored when embedded: the embedded broker's address is used
-    topic: str = "growclip.pairs"
-    group_id: str = "growclip"
-    embedded: bool = False  # start the bundled Tansu broker on loopback as a child process
-    embedded_port: int = Field(0, ge=0, le=65535)  # 0 = a free port
-    partitions: int = Field(1, ge=1)  # used when the daemon creates the topic
-    session_timeout_ms: int = Field(6000, ge=1000)
-    heartbeat_interval_ms: int = Field(1000, ge=100)
-    max_poll_records: int = Field(500, ge=1)
-    # TLS/SASL for an external cluster, passed to every Kafka client (consumer, producers, admin):
-    # kafka-python's own keys (security_protocol, sasl_mechanism, sasl_plain_username, ssl_cafile,
-    # ...); secrets only by environment variable name (sasl_plain_password_env, ssl_password_env)
-    security: dict[str, Any] = Field(default_factory=dict)
+@dataclass
+class KafkaSettings(KafkaSourceConfig):
+    """The Kafka source's settings (``KafkaSourceConfig``, defaults there) and the daemon's own keys.
 
-    @field_validator("security")
-    @classmethod
-    def _known_security_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        check_security(value)
-        return value
+    ``security`` here holds kafka-python's TLS/SASL keys as written in the config: secrets only by
+    environment variable name (``sasl_plain_password_env``, ``ssl_password_env``);
+    :meth:`client_security` resolves them for the clients (consumer, producers, admin)."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012 - read by the config validation
+
+    # ``bootstrap`` is ignored when embedded: the embedded broker's address is used
+    embedded: bool = False  # start the bundled Tansu broker on loopback as a child process
+    embedded_port: int = 0  # 0 = a free port
+    topic_partitions: int = 1  # used when the daemon creates the topic (and its dead letter)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.embedded_port <= 65535:
+            raise ValueError(f"embedded_port must be in [0, 65535], got {self.embedded_port}")
+        if self.topic_partitions < 1:
+            raise ValueError(f"topic_partitions must be >= 1, got {self.topic_partitions}")
+        if self.session_timeout_ms < 1000 or self.heartbeat_interval_ms < 100 or self.max_poll_records < 1:
+            raise ValueError(
+                "need session_timeout_ms >= 1000, heartbeat_interval_ms >= 100 and max_poll_records >= 1"
+            )
+        check_security(self.security)
 
     def client_security(self) -> dict[str, Any]:
         """kafka-python keyword arguments, secrets read from the environment (raises if one is unset)."""
         return client_options(self.security)
+
+    def source_config(self, bootstrap: str) -> KafkaSourceConfig:
+        """The source's own settings, with the broker's actual address and resolved security."""
+        own = {f.name: getattr(self, f.name) for f in fields(KafkaSourceConfig)}
+        return KafkaSourceConfig(**{**own, "bootstrap": bootstrap, "security": self.client_security()})
 
 
 class ShardSettings(Strict):
@@ -159,13 +172,16 @@ class DaemonConfig(Strict):
     growth: GrowthConfig = GrowthConfig()
     data: DataSettings = DataSettings()
     source: Literal["kafka", "shards"] = "kafka"  # where the records come from
-    kafka: KafkaSettings = KafkaSettings()
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     shards: ShardSettings = ShardSettings()
     serve: ServeSettings = ServeSettings()
     producer: ProducerSettings = ProducerSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
-    pidfile: Path = Path(".state/growclip-daemon.pid")
+    pidfile: Path = Path(".state/growclip-daemon.pid")  # its folder also holds locks and the broker log
+    # a per-record audit trail (a local JSON-lines file), durable together with each checkpoint;
+    # for tests and investigations (growclip_daemon/audit.py)
+    audit_log: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 

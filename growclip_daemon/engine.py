@@ -1,66 +1,55 @@
-"""The daemon: builds every component from the config and runs them as one service tree.
+"""The daemon: builds the service tree from the config, runs it, watches it, and says how it ended.
 
 Start order: embedded broker (optional) -> HTTP server (bound early, /healthz answers during the
-slow start) -> drift monitor and evaluator (optional) -> training engine -> demo producer
-(optional). Stop is the reverse: the producer stops, the engine finishes its step, the evaluator
-ends between suites, the server closes, the broker child is stopped last.
+slow start) -> drift monitor and evaluator (optional) -> training -> demo producer (optional).
+Stop is the reverse: the producer stops, the training thread finishes its step and writes the
+final checkpoint, the evaluator ends between suites, the server closes, the broker child is
+stopped last.
+
+Exit codes (:class:`ExitCode`): 0 after a clean stop with the final checkpoint written; 1 when a
+service died or crashed (a supervisor restarts the daemon, which resumes from its newest
+checkpoint); 3 when the final checkpoint could not be written; 4 when another daemon holds the
+checkpoint root. The log line before the exit names the reason.
 """
 
 from __future__ import annotations
 
+import enum
 import gc
-import json
 import logging
 import os
-import queue
-import secrets
 import signal
 import threading
-import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from growclip_daemon.batching import BatchLimits
 from growclip_daemon.broker import EmbeddedBroker
 from growclip_daemon.config import DaemonConfig
 from growclip_daemon.drift import DriftMonitor, load_probes
 from growclip_daemon.evaluator import EvaluatorService
-from growclip_daemon.http import AppState, ControlRejected, HttpServer, ServeLimits, build_app
+from growclip_daemon.http import AppState, HttpServer, ServeLimits, build_app
+from growclip_daemon.lock import AlreadyRunning, RootLock, lock_path
 from growclip_daemon.metrics import Metrics
 from growclip_daemon.service import Service, ServiceTree, ThreadService
-from growclip_stream.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    CheckpointManager,
-    CheckpointPolicy,
-    CheckpointStore,
-    SaveResult,
-    TrainingState,
-    capture,
-    restore_global_rng,
-    restore_optimizer,
-)
+from growclip_daemon.training import FinalCheckpointError, TrainingService
 from growclip_stream.data.datasets import iter_records
-from growclip_stream.data.decode import DecodePipeline
-from growclip_stream.data.images import ImageTransform
-from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, KafkaSourceConfig
-from growclip_stream.data.pipeline import Decoder
-from growclip_stream.data.produce import ensure_topics, produce
+from growclip_stream.data.produce import produce
 from growclip_stream.data.records import RecordLimits
-from growclip_stream.data.shards import ShardDeadLetter, ShardSource, dead_letter_url
-from growclip_stream.growth.controller import GrowthController, GrowthEvent
-from growclip_stream.model import GrowCLIP
-from growclip_stream.model.tokenizer import ByteTokenizer
-from growclip_stream.serving import ModelSnapshot, SnapshotStore
-from growclip_stream.train.loop import OnlineLoop
-from growclip_stream.train.trainer import OnlineTrainer, StepStats
+from growclip_stream.serving import SnapshotStore
 
 log = logging.getLogger(__name__)
+
+WATCH_INTERVAL_S = 1.0  # how often the watchdog checks the services
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    SERVICE_FAILED = 1  # a service crashed or died; the last checkpoint is where a restart resumes
+    CONFIG = 2  # the config is invalid (the CLI's)
+    NO_FINAL_CHECKPOINT = 3  # stopped, but the final checkpoint could not be written
+    ALREADY_RUNNING = 4  # another daemon holds the checkpoint root
 
 
 @dataclass
@@ -70,55 +59,7 @@ class Runtime:
     bootstrap: str
     stop_requested: threading.Event = field(default_factory=threading.Event)
     crash: BaseException | None = None
-
-
-class MetricsObserver:
-    """Turns the loop's reports into Prometheus series."""
-
-    def __init__(self, metrics: Metrics, source_label: str) -> None:
-        self.metrics = metrics
-        self.source_label = source_label
-        self.samples_per_s = 0.0
-        self.first_loss: float | None = None
-        self.loss_ema: float | None = None  # smoothed training loss, the trend a person watches
-
-    def on_records(self, counts: dict[str, int]) -> None:
-        for status, n in counts.items():
-            self.metrics.ingest_records.labels(source=self.source_label, status=status).inc(n)
-
-    def on_step(self, stats: StepStats, data_wait_s: float) -> None:
-        m = self.metrics
-        m.train_steps.inc()
-        m.train_samples.inc(stats.fresh)
-        m.train_loss.set(stats.loss)
-        m.train_step_seconds.observe(stats.seconds)
-        m.train_data_wait.observe(data_wait_s)
-        self.samples_per_s = stats.batch_size / max(stats.seconds + data_wait_s, 1e-9)
-        m.train_throughput.set(self.samples_per_s)
-        if self.first_loss is None:
-            self.first_loss = stats.loss
-        self.loss_ema = stats.loss if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * stats.loss
-
-    def on_growth(self, event: GrowthEvent) -> None:
-        m = self.metrics
-        if event.outcome == "grown":
-            m.growth_events.labels(trigger=event.trigger).inc()
-            m.growth_last_duration.set(event.duration_s)
-        elif event.outcome == "declined":
-            m.growth_declined.inc()
-        else:
-            m.growth_failures.labels(outcome="rolled_back").inc()
-        if event.work:
-            m.growth_search_seconds.set(event.work["growth_seconds"])
-            m.growth_search_flops.set(event.work["growth_flops"])
-            for basis, share in event.work["fractions"].items():
-                m.growth_search_fraction.labels(basis=basis).set(share)
-
-    def on_eval(self, loss: float) -> None:
-        self.metrics.eval_loss.set(loss)
-
-    def on_phase(self, phase: str) -> None:
-        self.metrics.growth_phase.state(phase)
+    failure: str | None = None  # a service the watchdog found dead
 
 
 class BrokerService(Service):
@@ -136,6 +77,10 @@ class BrokerService(Service):
     def on_stop(self) -> None:
         self.broker.stop()
 
+    def failure(self) -> str | None:
+        code = self.broker.returncode
+        return None if code is None else f"broker process exited with status {code}"
+
 
 class ProducerService(ThreadService):
     """Streams a real dataset into the topic at a steady rate (the demo's firehose)."""
@@ -143,7 +88,9 @@ class ProducerService(ThreadService):
     name = "producer"
 
     def __init__(self, cfg: DaemonConfig, runtime: Runtime) -> None:
-        super().__init__(on_crash=None)  # a failed demo producer must not take training or serving down
+        # it ends when its limit is reached, and a failed demo producer must not take training or
+        # serving down: no crash handler, so the watchdog leaves it alone
+        super().__init__(on_crash=None)
         self.cfg = cfg
         self.runtime = runtime
 
@@ -162,315 +109,6 @@ class ProducerService(ThreadService):
         log.info("producer finished", extra={"records": sent, "dataset": p.dataset})
 
 
-class TrainingService(ThreadService):
-    """Owns the online loop in its own thread; everything else only reads what it publishes."""
-
-    name = "training"
-
-    def __init__(self, cfg: DaemonConfig, runtime: Runtime, store: SnapshotStore, metrics: Metrics) -> None:
-        super().__init__(on_crash=self._crashed)
-        self.cfg = cfg
-        self.runtime = runtime
-        self.store = store
-        self.metrics = metrics
-        self.paused = threading.Event()
-        self.loop: OnlineLoop | None = None
-        self.pipeline: DecodePipeline[Any] | None = None
-        self.source: KafkaSource | ShardSource | None = None
-        self.dead_letter: KafkaDeadLetter | ShardDeadLetter | None = None
-        self.observer = MetricsObserver(metrics, source_label=cfg.source)
-        self._last_lag_update = 0.0
-        self._worker_deaths = self._stalls = 0  # decode worker deaths and stalls already in the metrics
-        self._lag: dict[int, int] = {}
-        # A fresh id per start: versions (growclip@<generation>.<step>.<run>) stay unique when a
-        # restart repeats the steps after its checkpoint.
-        self.run_id = secrets.token_hex(3)
-        self.parent_checkpoint: str | None = None
-        self.checkpointer = CheckpointStore(cfg.checkpoint.root, keep=cfg.checkpoint.keep)
-        self.checkpoints = CheckpointManager(
-            self.checkpointer,
-            CheckpointPolicy(every_s=cfg.checkpoint.every_s, every_steps=cfg.checkpoint.every_steps),
-            on_durable=self._checkpoint_durable,
-            on_failure=lambda err: metrics.checkpoint_failures.inc(),
-        )
-        self._checkpoint_requests: queue.SimpleQueue[Future[str]] = queue.SimpleQueue()
-        self.last_checkpoint: str | None = None
-        # told after every publish, in the training thread: each only hands the reference over
-        self.publish_listeners: list[Callable[[ModelSnapshot], None]] = []
-
-    def _crashed(self, err: BaseException) -> None:
-        self.runtime.crash = err
-        self.runtime.stop_requested.set()
-
-    def publish(
-        self,
-        model: GrowCLIP,
-        *,
-        generation: int,
-        step: int,
-        samples_trained: int,
-        growth_history: Sequence[dict],
-    ) -> None:
-        train = self.cfg.train
-        snap = ModelSnapshot.capture(
-            model,
-            generation=generation,
-            step=step,
-            samples_trained=samples_trained,
-            growth_history=growth_history,
-            run=self.run_id,
-            # on a GPU, serving answers from a bf16 copy when training runs in bf16
-            dtype=torch.bfloat16 if train.precision == "bf16" and train.device.startswith("cuda") else None,
-        )
-        self.store.publish(snap)
-        self.metrics.set_model(snap)
-        self.metrics.serve_versions_held.set(len(self.store.held()))
-        for listener in self.publish_listeners:
-            listener(snap)  # a reference hand-over: drift and evaluation run on their own threads
-
-    def on_start(self) -> None:
-        cfg = self.cfg
-        torch.manual_seed(cfg.train.seed)
-        if cfg.train.torch_threads:
-            torch.set_num_threads(cfg.train.torch_threads)
-        self.source, self.dead_letter = self._open_source()
-        arch = cfg.model
-        limits = RecordLimits(
-            max_message_bytes=cfg.data.max_message_bytes,
-            max_caption_chars=cfg.data.max_caption_chars,
-            max_image_pixels=cfg.data.max_image_pixels,
-        )
-        resumed = self.checkpointer.load_latest()  # the newest usable one; None when there is none
-        model = resumed.model if resumed is not None else GrowCLIP(arch)
-        self.pipeline = DecodePipeline(
-            Decoder(ImageTransform(arch.image_size, arch.channels), limits),
-            cfg.loop.holdout_fraction,
-            num_workers=cfg.data.decode_workers,
-            method=cfg.data.decode_method,
-            max_in_flight=4 * cfg.train.batch_size,
-            stall_timeout_s=cfg.data.decode_stall_timeout_s,
-        )
-        self.pipeline.start()
-        self.loop = OnlineLoop(
-            source=self.source,
-            dead_letter=self.dead_letter,
-            pipeline=self.pipeline,
-            tokenizer=ByteTokenizer(arch.context_length),
-            trainer=OnlineTrainer(model, cfg.train),
-            growth=GrowthController(cfg.growth, cfg.train, on_phase=self.observer.on_phase),
-            cfg=cfg.loop,
-            publish=self.publish,
-            observer=self.observer,
-        )
-        if resumed is not None:
-            self._resume(resumed)
-        super().on_start()
-
-    def _open_source(self) -> tuple[KafkaSource | ShardSource, KafkaDeadLetter | ShardDeadLetter]:
-        cfg = self.cfg
-        if cfg.source == "shards":
-            url = cfg.shards.url
-            assert url is not None  # the config validation guarantees it
-            shards = cfg.shards
-            source = ShardSource(
-                url,
-                watch=shards.watch,
-                poll_interval_s=shards.poll_interval_s,
-                storage_options=shards.storage_options,
-            )
-            dlq_url = shards.dead_letter or dead_letter_url(url)
-            return source, ShardDeadLetter(dlq_url, storage_options=shards.storage_options)
-        topic = cfg.kafka.topic
-        security = cfg.kafka.client_security()
-        ensure_topics(
-            self.runtime.bootstrap,
-            [topic, f"{topic}.dlq"],
-            partitions=cfg.kafka.partitions,
-            security=security,
-        )
-        kafka = KafkaSource(
-            KafkaSourceConfig(
-                bootstrap=self.runtime.bootstrap,
-                topic=topic,
-                group_id=cfg.kafka.group_id,
-                session_timeout_ms=cfg.kafka.session_timeout_ms,
-                heartbeat_interval_ms=cfg.kafka.heartbeat_interval_ms,
-                max_poll_records=cfg.kafka.max_poll_records,
-                security=security,
-            )
-        )
-        return kafka, KafkaDeadLetter(self.runtime.bootstrap, topic, security=security)
-
-    def _resume(self, ckpt: Checkpoint) -> None:
-        """Continue where the checkpoint left off: counters, optimizer, growth history, RNG,
-        reservoirs, and source positions (which the source refuses when they come from another
-        cluster or topic, e.g. an earlier embedded broker's)."""
-        assert self.loop is not None and self.source is not None
-        trainer = self.loop.trainer
-        trainer.resume(step=ckpt.step, samples=ckpt.samples)
-        restore_optimizer(trainer.model, trainer.optimizer, ckpt.optimizer_state)
-        self.loop.growth.load_state_dict(ckpt.manifest.get("growth", {}))
-        restore_global_rng(ckpt.rng)
-        self.loop.load_state_dict(ckpt.loop_state)
-        self.loop.load_source_state(ckpt.source)
-        self.last_checkpoint = self.parent_checkpoint = ckpt.path
-        self.checkpoints.mark_saved(ckpt.step, self._progress())
-        log.info(
-            "resumed from checkpoint",
-            extra={"path": ckpt.path, "step": ckpt.step, "generation": self.loop.growth.generation,
-                   "run": self.run_id},
-        )  # fmt: skip
-
-    def run(self, stop: threading.Event) -> None:
-        if self.loop is None:
-            raise RuntimeError("training service started without a loop")
-        self.loop.run(stop, self.paused, tick=self._tick)
-        try:  # the loop has finished its step: everything consumed is settled
-            self.save_checkpoint("shutdown")
-        except CheckpointError:
-            pass  # counted and logged; offsets stay uncommitted, so the next start re-reads them
-        finally:
-            self.checkpoints.close()
-
-    def _tick(self) -> None:
-        """Runs in the training thread between iterations: ingest metrics (lag, decode worker deaths
-        and stalls), and checkpoints (never mid-step)."""
-        self._update_ingest_metrics()
-        assert self.loop is not None
-        self.checkpoints.maybe_save(self.loop.trainer.step, self._capture, progress=self._progress())
-        while not self._checkpoint_requests.empty():
-            request = self._checkpoint_requests.get()
-            try:
-                request.set_result(self.save_checkpoint("admin"))
-            except Exception as err:
-                request.set_exception(err)
-
-    def _progress(self) -> str:
-        """What changes when a checkpoint would hold something new beyond the step: the positions."""
-        assert self.loop is not None
-        return json.dumps(self.loop.settled_source_state, sort_keys=True)
-
-    def _capture(self) -> TrainingState:
-        """The training thread's part of a save: everything copied to CPU, between steps."""
-        assert self.loop is not None
-        loop = self.loop
-        return capture(
-            loop.trainer.model,
-            loop.trainer.optimizer,
-            step=loop.trainer.step,
-            samples=loop.trainer.samples,
-            generation=loop.growth.generation,
-            growth=loop.growth.state_dict(),
-            source=loop.settled_source_state,
-            loop=loop.state_dict(),
-            run={"id": self.run_id, "parent": self.parent_checkpoint},
-        )
-
-    def save_checkpoint(self, reason: str) -> str:
-        """Save now (after a background save in progress), in this thread; raises CheckpointError."""
-        return self.checkpoints.save(self._capture, reason, progress=self._progress()).path
-
-    def _checkpoint_durable(self, result: SaveResult) -> None:
-        """On the training thread once a save is durable: only now are its positions committed."""
-        assert self.dead_letter is not None and self.source is not None
-        self.metrics.checkpoint_seconds.observe(result.saved.seconds + result.stall_s)
-        self.metrics.checkpoint_stall.observe(result.stall_s)
-        self.dead_letter.flush()  # dead-lettered records are out before their offsets are committed
-        self.metrics.checkpoint_last_success.set_to_current_time()
-        self.source.commit(result.state.source)
-        self.last_checkpoint = result.path
-        log.info(
-            "checkpoint committed",
-            extra={"reason": result.reason, "path": result.path, "positions": result.state.source,
-                   "stall_s": round(result.stall_s, 4), "write_s": round(result.saved.seconds, 3)},
-        )  # fmt: skip
-
-    def _update_ingest_metrics(self) -> None:
-        now = time.monotonic()
-        if self.source is None or now - self._last_lag_update < 2.0:
-            return
-        self._last_lag_update = now
-        if self.pipeline is not None:
-            deaths, stalls = self.pipeline.worker_deaths, self.pipeline.stalls
-            self.metrics.decode_worker_deaths.inc(deaths - self._worker_deaths)
-            self.metrics.decode_stalls.inc(stalls - self._stalls)
-            self._worker_deaths, self._stalls = deaths, stalls
-        previous, self._lag = self._lag, self.source.lag()
-        if self.cfg.source == "kafka":
-            topic = self.cfg.kafka.topic
-            for partition, lag in self._lag.items():
-                self.metrics.kafka_lag.labels(topic=topic, partition=str(partition)).set(lag)
-            for partition in previous.keys() - self._lag.keys():  # revoked: its series goes too
-                self.metrics.kafka_lag.remove(topic, str(partition))
-        else:
-            self.metrics.shard_lag.labels(url=str(self.cfg.shards.url)).set(sum(self._lag.values()))
-
-    def on_stop(self) -> None:
-        super().on_stop()  # the loop finishes its step and trains what it consumed
-        if self.pipeline is not None:
-            self.pipeline.close()
-        if self.dead_letter is not None:
-            self.dead_letter.flush()
-            self.dead_letter.close()
-        if self.source is not None:
-            self.source.close()
-
-    # -- what the HTTP API may ask ----------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        loop = self.loop
-        if loop is None:
-            return {"training": {"state": "starting"}}
-        return {
-            "training": {
-                "state": "paused" if self.paused.is_set() else ("running" if self.alive else "stopped"),
-                "step": loop.trainer.step,
-                "samples_trained": loop.trainer.samples,
-                "samples_per_second": round(self.observer.samples_per_s, 1),
-                "loss_first": self.observer.first_loss,
-                "loss_ema": self.observer.loss_ema,
-                "held_out_records": len(loop.holdout),
-                "holdout_loss": loop.last_eval_loss,
-                "replay_samples": len(loop.replay),
-                "growth_search_running": loop.searching,
-                "growth_guard_running": loop.guarding,
-                "last_checkpoint": self.last_checkpoint,
-            },
-            "source": {
-                "kind": self.cfg.source,
-                "topic": self.cfg.kafka.topic if self.cfg.source == "kafka" else self.cfg.shards.url,
-                "positions": self.source.state_dict() if self.source is not None else {},
-                "lag": {str(p): v for p, v in self._lag.items()},
-            },
-        }
-
-    def request_grow(self) -> dict[str, Any]:
-        if self.loop is None:
-            raise ControlRejected("training has not started")
-        if self.loop.searching or self.loop.guarding:
-            raise ControlRejected("a growth is already running (its search, or its guard window)")
-        self.loop.request_grow()
-        return {"accepted": True, "detail": "growth runs at the next training step"}
-
-    def request_checkpoint(self) -> dict[str, Any]:
-        """Ask the training thread to save at its next iteration, and wait for the result."""
-        if self.loop is None or not self.alive:
-            raise ControlRejected("training is not running")
-        request: Future[str] = Future()
-        self._checkpoint_requests.put(request)
-        try:
-            return {"path": request.result(timeout=120)}
-        except TimeoutError:
-            raise ControlRejected("the training thread did not save within 120 s") from None
-
-    def pause(self) -> dict[str, Any]:
-        self.paused.set()
-        return {"paused": True}
-
-    def resume(self) -> dict[str, Any]:
-        self.paused.clear()
-        return {"paused": False}
-
-
 class HttpService(Service):
     name = "http"
 
@@ -484,6 +122,9 @@ class HttpService(Service):
 
     def on_stop(self) -> None:
         self.server.stop()
+
+    def failure(self) -> str | None:
+        return None if self.server.alive else "server thread exited"
 
 
 def serve_limits(cfg: DaemonConfig) -> ServeLimits:
@@ -512,14 +153,16 @@ def serve_limits(cfg: DaemonConfig) -> ServeLimits:
 
 
 class Daemon:
-    """The whole process: build, start, wait for a signal or a crash, stop cleanly."""
+    """The whole process: lock, build, start, watch, stop cleanly, exit with a code that says how."""
 
     def __init__(self, cfg: DaemonConfig) -> None:
         self.cfg = cfg
         self.runtime = Runtime(bootstrap=cfg.kafka.bootstrap)
         self.metrics = Metrics()
         self.store = SnapshotStore(keep_versions=cfg.serve.keep_versions)
-        self.training = TrainingService(cfg, self.runtime, self.store, self.metrics)
+        self.training = TrainingService(
+            cfg, lambda: self.runtime.bootstrap, self.store, self.metrics, on_crash=self._crashed
+        )
         limits = serve_limits(cfg)
         probes = load_probes(cfg.serve.drift_probe_dataset, cfg.serve.drift_probe_size)
         self.drift = (
@@ -565,6 +208,7 @@ class Daemon:
         if cfg.producer.enabled:
             children.append(ProducerService(cfg, self.runtime))
         self.tree = ServiceTree(children)
+        self.lock = RootLock(lock_path(cfg.checkpoint.root, self.state_dir), cfg.checkpoint.root)
 
     def status(self) -> dict[str, Any]:
         """What GET /v1/model adds to the snapshot's own description: training, source, evaluation."""
@@ -579,29 +223,63 @@ class Daemon:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def _crashed(self, err: BaseException) -> None:
+        self.runtime.crash = err
+        self.runtime.stop_requested.set()
+
     def request_stop(self, *_: Any) -> None:
         if not self.runtime.stop_requested.is_set():
             log.info("stop requested")
         self.runtime.stop_requested.set()
 
     def run(self) -> int:
-        """Run until SIGTERM/SIGINT (or a crashed engine); return the exit code."""
+        """Run until SIGTERM/SIGINT, a crashed service or one the watchdog finds dead; the exit code."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        self.cfg.pidfile.parent.mkdir(parents=True, exist_ok=True)
-        self.cfg.pidfile.write_text(str(os.getpid()))
         try:
-            self.tree.start()
-            # Everything allocated at start-up (modules, datasets, the first model) lives as long as
-            # the process: keep it out of the collector's full passes, whose pauses stall serving.
-            gc.freeze()
-            while not self.runtime.stop_requested.wait(1.0):
-                pass
+            self.lock.acquire()
+        except AlreadyRunning as err:
+            log.error("refusing to start", extra={"reason": str(err)})
+            return ExitCode.ALREADY_RUNNING
+        try:
+            self.cfg.pidfile.write_text(str(os.getpid()))
+            try:
+                self.tree.start()
+                # Everything allocated at start-up (modules, datasets, the first model) lives as long
+                # as the process: keep it out of the collector's full passes, whose pauses stall serving.
+                gc.freeze()
+                self._watch()
+            finally:
+                self.tree.stop()
+                self.cfg.pidfile.unlink(missing_ok=True)
         finally:
-            self.tree.stop()
-            self.cfg.pidfile.unlink(missing_ok=True)
-        if self.runtime.crash is not None:
-            log.error("stopped after a crash", extra={"error": repr(self.runtime.crash)})
-            return 1
-        log.info("stopped cleanly")
-        return 0
+            self.lock.release()
+        return self._outcome()
+
+    def _watch(self) -> None:
+        """The watchdog: a service that died without a word stops the daemon (exit 1)."""
+        while not self.runtime.stop_requested.wait(WATCH_INTERVAL_S):
+            why = self.tree.failure()
+            if why is not None:
+                self.runtime.failure = why
+                log.error("a service died; stopping", extra={"reason": why})
+                self.runtime.stop_requested.set()
+
+    def _outcome(self) -> int:
+        crash = self.runtime.crash or self.training.error
+        if isinstance(crash, FinalCheckpointError) and self.runtime.failure is None:
+            log.error("stopped without the final checkpoint", extra={"reason": str(crash)})
+            return ExitCode.NO_FINAL_CHECKPOINT
+        if crash is not None or self.runtime.failure is not None:
+            reason = self.runtime.failure or repr(crash)
+            log.error("stopped after a failure", extra={"reason": reason})
+            return ExitCode.SERVICE_FAILED
+        if self.training.final_checkpoint is None:
+            log.error(
+                "stopped without the final checkpoint",
+                extra={"reason": "the training thread did not finish in time" if self.training.alive
+                       else "no final checkpoint was written"},
+            )  # fmt: skip
+            return ExitCode.NO_FINAL_CHECKPOINT
+        log.info("stopped cleanly", extra={"checkpoint": self.training.final_checkpoint})
+        return ExitCode.OK

@@ -937,6 +937,12 @@ class HttpServer:
                 time.sleep(0.01)
             log.info("HTTP API listening on %s:%d", self.host, self.port)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the server thread runs (a watchdog checks it)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
     def stop(self) -> None:
         with self._lock:
             self._stop_locked()

@@ -271,7 +271,8 @@ class Metrics:
         )
         self.dead_letter_failures = Counter(
             "dead_letter_write_failures",
-            "Writes to the dead letter (Kafka <topic>.dlq or the shard dead-letter file) that failed.",
+            "Writes to the dead letter (Kafka <topic>.dlq or the shard dead-letter file) that failed; "
+            "each holds the checkpoint and the committed positions back until a retry succeeds.",
             ["source"],
             namespace=ns,
             registry=r,

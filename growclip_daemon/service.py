@@ -1,7 +1,9 @@
 """A small service tree: start children in order, stop them in reverse, loop threads that wake on stop.
 
 A background thread that crashes records the error and calls `on_crash`, so the daemon stops
-visibly instead of serving a model that no longer trains.
+visibly instead of serving a model that no longer trains. :meth:`Service.failure` lets a
+watchdog find a child that died without saying so (a server thread gone, a child process
+exited): :meth:`ServiceTree.failure` names the first such child.
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ class Service:
 
     def on_stop(self) -> None:
         pass
+
+    def failure(self) -> str | None:
+        """Why this running service no longer does its job, or None while it does (watchdog)."""
+        return None
+
+    @property
+    def started(self) -> bool:
+        return self._started
 
     def start(self) -> None:
         log.info("starting", extra={"service": self.name})
@@ -59,6 +69,13 @@ class ServiceTree(Service):
             self.on_stop()
             raise
 
+    def failure(self) -> str | None:
+        for child in list(self._running):
+            why = child.failure()
+            if why is not None:
+                return f"{child.name}: {why}"
+        return None
+
     def on_stop(self) -> None:
         while self._running:
             child = self._running.pop()
@@ -69,7 +86,10 @@ class ServiceTree(Service):
 
 
 class ThreadService(Service):
-    """Runs `run(stop_event)` in a thread; `stop()` sets the event and joins."""
+    """Runs `run(stop_event)` in a thread; `stop()` sets the event and joins.
+
+    With an ``on_crash`` handler the thread is essential: returning before it was asked to stop
+    is a failure the watchdog reports. Without one it is optional (it may end on its own)."""
 
     def __init__(
         self, on_crash: Callable[[BaseException], None] | None = None, join_timeout_s: float = 60
@@ -104,6 +124,13 @@ class ThreadService(Service):
             self._thread.join(self._join_timeout_s)
             if self._thread.is_alive():
                 log.error("service did not stop in time", extra={"service": self.name})
+
+    def failure(self) -> str | None:
+        if self._on_crash is None or self._thread is None or self.stop_event.is_set():
+            return None
+        if self._thread.is_alive():
+            return None
+        return f"thread crashed: {self.error!r}" if self.error is not None else "thread exited"
 
     @property
     def alive(self) -> bool:

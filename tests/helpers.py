@@ -85,6 +85,25 @@ class CrashingDecoder(Decoder):
         return super().__call__(msg)
 
 
+_slow_start_done = False  # per process: the start-up delay of SlowStartDecoder was paid
+
+
+class SlowStartDecoder(CrashingDecoder):
+    """A :class:`CrashingDecoder` whose first arrival in each worker process takes ``start_s``,
+    as importing torch does on a loaded machine: start-up that is not any record's fault."""
+
+    def __init__(self, *args: Any, start_s: float = 3.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.start_s = start_s
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        global _slow_start_done
+        self.__dict__.update(state)
+        if multiprocessing.parent_process() is not None and not _slow_start_done:
+            time.sleep(self.start_s)
+            _slow_start_done = True
+
+
 def create_bucket(s3_endpoint: str, prefix: str) -> str:
     """A new, empty bucket on the test S3 server; returns its name."""
     bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"

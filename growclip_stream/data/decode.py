@@ -38,9 +38,12 @@ over worker threads or processes:
   :meth:`~DecodePipeline.take` checks the workers every ``_WATCH_INTERVAL_S``; when one is gone,
   the pipeline is rebuilt, and the records that were inside it are decoded again one at a time in
   a separate process. A record whose decoding kills that process too comes out as ``bad_image``
-  (:data:`CRASH_DETAIL`), to be dead-lettered; the order of the output is kept. Workers that make
-  no progress for ``stall_timeout_s`` with records in flight are killed and handled the same way;
-  a record that alone takes longer is dead-lettered (:data:`STALL_DETAIL`).
+  (:data:`CRASH_DETAIL`), to be dead-lettered; the order of the output is kept. A worker that
+  has been decoding one record for ``stall_timeout_s`` (each worker notes in shared memory when it
+  starts a record, so its start-up never counts) gets the workers killed and handled the same
+  way; a record that alone takes longer in an isolated process that has answered a first call,
+  twice (the second time with twice the time), is dead-lettered (:data:`STALL_DETAIL`). A slow,
+  loaded machine delays records; it does not get good ones dead-lettered.
 - **Shutdown**: :meth:`DecodePipeline.close` (or leaving the ``with`` block) drops what was not
   decoded yet, stops and joins every thread and worker process. An exception other than
   ``RecordError`` raised while decoding (a bug, not a bad record) is re-raised by ``take``.
@@ -62,7 +65,7 @@ import multiprocessing.queues
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -89,6 +92,7 @@ M = TypeVar("M", bound=RawMessage)
 _SUBMIT_CHUNK = 64  # map(): messages pulled from the iterable per submit
 _JOIN_TIMEOUT_S = 5.0
 _WATCH_INTERVAL_S = 0.5  # how often take() checks that the worker processes are alive
+_ISOLATED_START_TIMEOUT_S = 300.0  # a process that has not started by then is replaced
 CRASH_DETAIL = "a decode worker process died while decoding this record"
 STALL_DETAIL = "decoding this record took longer than the decode stall timeout"
 
@@ -124,21 +128,62 @@ _WorkerOut = tuple[int, str, tuple[Any, ...]]
 _WorkItem = tuple[int, bytes, tuple[tuple[str, bytes], ...]]  # (sequence number, value, headers)
 
 
+class _BusyClock:
+    """When each worker process started the record it is decoding (0 while it is idle), in
+    shared memory: the pipeline sees a record that stalls a worker, and counts only the time that
+    worker has been running that record, never its start-up (importing torch takes seconds on a
+    loaded machine). CLOCK_MONOTONIC is one clock for every process on the host."""
+
+    def __init__(self, context: Any, slots: int) -> None:
+        self.since = context.RawArray("d", max(1, slots))
+        self._next = context.Value("i", 0)
+        self._slot: int | None = None  # this process's slot, claimed on first use
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"since": self.since, "_next": self._next, "_slot": None}
+
+    def begin(self) -> None:
+        if self._slot is None:
+            with self._next.get_lock():
+                self._slot = self._next.value % len(self.since)
+                self._next.value += 1
+        self.since[self._slot] = time.monotonic()
+
+    def end(self) -> None:
+        if self._slot is not None:
+            self.since[self._slot] = 0.0
+
+    def longest_busy_s(self, now: float) -> float:
+        """How long the longest-running record has been in its worker; 0 when all are idle."""
+        started = [t for t in self.since if t > 0]
+        return now - min(started) if started else 0.0
+
+
 class _RouteWorker:
     """The function the workers run: ``route`` on each message of a chunk. Picklable, for
     process workers."""
 
-    def __init__(self, decoder: Decoder, holdout_fraction: float, to_numpy: bool) -> None:
+    def __init__(
+        self, decoder: Decoder, holdout_fraction: float, to_numpy: bool, clock: _BusyClock | None = None
+    ) -> None:
         self.decoder = decoder
         self.holdout_fraction = holdout_fraction
         self.to_numpy = to_numpy
+        self.clock = clock
         self._silenced = False  # each worker process has its own copy
 
     def __call__(self, chunk: list[_WorkItem]) -> list[_WorkerOut]:
         if self.to_numpy and not self._silenced and multiprocessing.parent_process() is not None:
             silence_native_warnings()  # a decode worker process: see images.silence_native_warnings
             self._silenced = True
-        return [self._one(item) for item in chunk]
+        if self.clock is None:
+            return [self._one(item) for item in chunk]
+        out = []
+        for item in chunk:
+            self.clock.begin()
+            out.append(self._one(item))
+            self.clock.end()
+        return out
 
     def _one(self, item: _WorkItem) -> _WorkerOut:
         seq, value, headers = item
@@ -224,9 +269,9 @@ class DecodePipeline(Generic[M]):
         multiprocessing_context: start method for process workers.
         max_chunk: most messages a worker takes at once (see ``_Feed``); 128 spreads the queues'
             per-chunk cost over more messages under load, and a trickle still goes one at a time.
-        stall_timeout_s: process workers only: with messages in flight and nothing decoded for
-            this long, the workers are taken as stuck and replaced, like dead ones; a single
-            record that takes longer alone is dead-lettered. None: never.
+        stall_timeout_s: process workers only: a worker busy with one record for this long is
+            taken as stuck and the workers are replaced, like dead ones; a single record that
+            takes longer alone (see the module docstring) is dead-lettered. None: never.
     """
 
     def __init__(
@@ -285,7 +330,7 @@ class DecodePipeline(Generic[M]):
         self._collector: threading.Thread | None = None
         self._next_watch = 0.0
         self._recovering = False
-        self._progress_at = time.monotonic()  # last time a chunk came out, or the pipeline was idle
+        self._clock: _BusyClock | None = None  # the process workers' record clocks
         self.worker_deaths = 0  # worker processes found dead (each one rebuilt the pipeline)
         self.crashed_records = 0  # records that, decoded alone, killed or stalled a decode process
         self.stalls = 0  # times the workers were replaced for making no progress
@@ -326,10 +371,15 @@ class DecodePipeline(Generic[M]):
 
     def _build(self) -> tn.BaseNode[list[_WorkerOut]]:
         to_numpy = self.method == "process" and self.num_workers > 0
+        self._clock = (
+            _BusyClock(multiprocessing.get_context(self.multiprocessing_context), self.num_workers)
+            if to_numpy
+            else None
+        )
         node: tn.BaseNode[Any] = tn.IterableWrapper(self._feed)
         node = tn.ParallelMapper(
             node,
-            _RouteWorker(self.decoder, self.holdout_fraction, to_numpy),
+            _RouteWorker(self.decoder, self.holdout_fraction, to_numpy, self._clock),
             num_workers=self.num_workers,
             in_order=self.in_order,
             method=self.method,
@@ -352,7 +402,6 @@ class DecodePipeline(Generic[M]):
                         return
                     if not self._closed:
                         self._out.extend(chunk)
-                    self._progress_at = time.monotonic()
                     self._ready.notify_all()
         except BaseException as e:  # re-raised by take(): a bug in decoding, not a bad record
             with self._ready:
@@ -383,19 +432,16 @@ class DecodePipeline(Generic[M]):
             self.worker_deaths += len(dead)
             self._recover(node, f"{len(dead)} decode worker process(es) died", [p.exitcode for p in dead])
             return
-        with self._lock:
-            stalled = (
-                self.stall_timeout_s is not None
-                and bool(self._messages)
-                and now - self._progress_at > self.stall_timeout_s
-            )
-        if stalled:
-            self.stalls += 1
-            for p in workers:
-                p.kill()
-                p.join(1.0)
-            why = f"decode workers made no progress for {self.stall_timeout_s} s"
-            self._recover(node, why, [p.exitcode for p in workers])
+        clock = self._clock
+        if self.stall_timeout_s is not None and clock is not None:
+            busy_s = clock.longest_busy_s(now)
+            if busy_s > self.stall_timeout_s:
+                self.stalls += 1
+                for p in workers:
+                    p.kill()
+                    p.join(1.0)
+                why = f"a decode worker has been decoding one record for {busy_s:.1f} s"
+                self._recover(node, why, [p.exitcode for p in workers])
 
     def _recover(self, node: tn.BaseNode[list[_WorkerOut]], why: str, exitcodes: list[int | None]) -> None:
         """Replaces a node that lost (or stopped) its workers; decodes the records it held one at a
@@ -431,37 +477,74 @@ class DecodePipeline(Generic[M]):
             self._out.extend(routed)  # in order: before anything still queued
             self._feed.put(queued)
             self._start_node()
-            self._progress_at = time.monotonic()  # the new workers' stall clock starts now
             self._ready.notify_all()
 
     def _decode_one_by_one(self, items: list[_WorkItem]) -> list[_WorkerOut]:
         """Each item decoded alone in a separate process, so a record that kills it (or takes
-        longer than ``stall_timeout_s``) is identified and dead-lettered."""
+        longer than ``stall_timeout_s``) is identified and dead-lettered.
+
+        A slow machine must never get a good record dead-lettered: the timeout starts only once
+        the process has answered a first call (its start-up, seconds under load, is not the
+        record's), and a record that times out is tried once more, in a fresh process, with twice
+        the time, before it counts as stalling its decoder."""
         worker = _RouteWorker(self.decoder, self.holdout_fraction, to_numpy=True)
         context = multiprocessing.get_context(self.multiprocessing_context)
         out: list[_WorkerOut] = []
         pool: ProcessPoolExecutor | None = None
         try:
             for item in items:
-                if pool is None:
-                    pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
-                future = pool.submit(worker, [item])
-                try:
-                    out.extend(future.result(timeout=self.stall_timeout_s))
-                    continue
-                except BrokenProcessPool:
-                    detail = CRASH_DETAIL
-                except TimeoutError:
-                    detail = STALL_DETAIL
-                _kill_pool(pool)
-                pool = None
-                self.crashed_records += 1
-                log.error("a record broke the decode process; dead-lettering it", extra={"detail": detail})
-                out.append((item[0], "bad_image", ("bad_image", detail)))
+                detail = ""
+                for attempt, timeout_s in enumerate(self._isolated_timeouts()):
+                    if pool is None:
+                        pool = self._isolated_pool(context, worker)
+                    future = pool.submit(worker, [item])
+                    try:
+                        out.extend(future.result(timeout=timeout_s))
+                        detail = ""
+                        break
+                    except BrokenProcessPool:
+                        detail = CRASH_DETAIL
+                    except TimeoutError:
+                        detail = STALL_DETAIL
+                    _kill_pool(pool)
+                    pool = None
+                    if detail == CRASH_DETAIL:
+                        break  # a crash is the record's doing whatever the load
+                    log.warning(
+                        "a record timed out in an isolated decode process",
+                        extra={"attempt": attempt + 1, "timeout_s": timeout_s},
+                    )
+                if detail:
+                    self.crashed_records += 1
+                    log.error(
+                        "a record broke the decode process; dead-lettering it", extra={"detail": detail}
+                    )
+                    out.append((item[0], "bad_image", ("bad_image", detail)))
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
         return _images_to_tensors(out)
+
+    def _isolated_timeouts(self) -> list[float | None]:
+        if self.stall_timeout_s is None:
+            return [None]
+        return [self.stall_timeout_s, 2 * self.stall_timeout_s]
+
+    def _isolated_pool(self, context: Any, worker: _RouteWorker) -> ProcessPoolExecutor:
+        """A one-process pool that has answered a first call (the worker on no records: started,
+        its modules imported, the decoder unpickled once) and is idle."""
+        while True:
+            pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+            try:
+                pool.submit(worker, []).result(timeout=_ISOLATED_START_TIMEOUT_S)
+                return pool
+            except (BrokenProcessPool, TimeoutError) as err:
+                _kill_pool(pool)
+                log.warning(
+                    "an isolated decode process did not start; starting another", extra={"error": repr(err)}
+                )
+                if self._closed:
+                    raise RuntimeError("the decode pipeline was closed") from err
 
     def close(self) -> None:
         """Drops what was not decoded yet, then stops and joins every thread and worker. Idempotent."""
@@ -513,8 +596,6 @@ class DecodePipeline(Generic[M]):
                     f"{len(messages)} messages do not fit: {len(self._messages)} in flight, "
                     f"max_in_flight={self.max_in_flight}"
                 )
-            if not self._messages:  # idle until now: the stall clock starts here
-                self._progress_at = time.monotonic()
             items = []
             for msg in messages:
                 seq = self._seq
@@ -579,20 +660,31 @@ class SettledStates:
     :meth:`submitted` after each poll's messages went in; report with :meth:`taken` how many
     routed items came out. Items come out in the order they went in (``in_order=True``), so a
     recorded state is settled once as many items were taken as had been submitted when it was
-    recorded, and the samples taken are no longer pending (trained). :meth:`settled` returns the
-    latest such state; call it when the batcher is empty. Source-agnostic: the states are opaque.
+    recorded. :meth:`settled` returns the latest such state, or, given ``advance`` (the source's
+    ``state_after``) and the polled messages, the exact state after any number of them: a
+    checkpoint can then stop in the middle of a poll. Source-agnostic: the states are opaque.
     """
 
-    def __init__(self, initial: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        initial: Mapping[str, Any],
+        advance: Callable[[dict[str, Any], Sequence[Any]], dict[str, Any]] | None = None,
+    ) -> None:
         self._submitted = 0
         self._taken = 0
-        self._states: deque[tuple[int, dict[str, Any]]] = deque()
+        self._advance = advance
+        # (submitted count after the poll, state after it, its messages)
+        self._states: deque[tuple[int, dict[str, Any], Sequence[Any]]] = deque()
         self._settled: dict[str, Any] = dict(initial)
+        self._settled_count = 0
 
-    def submitted(self, count: int, state: Mapping[str, Any]) -> None:
-        """``count`` messages went into the pipeline; ``state`` is the source's state after them."""
+    def submitted(self, count: int, state: Mapping[str, Any], messages: Sequence[Any] = ()) -> None:
+        """``count`` messages went into the pipeline; ``state`` is the source's state after them.
+        Pass the messages themselves for record-exact states (see ``advance``)."""
+        if messages and len(messages) != count:
+            raise ValueError(f"{len(messages)} messages for a count of {count}")
         self._submitted += count
-        self._states.append((self._submitted, dict(state)))
+        self._states.append((self._submitted, dict(state), tuple(messages)))
 
     def taken(self, count: int) -> None:
         """``count`` routed items came out of the pipeline."""
@@ -600,11 +692,22 @@ class SettledStates:
         if self._taken > self._submitted:
             raise ValueError(f"{self._taken} items taken but only {self._submitted} submitted")
 
-    def settled(self) -> dict[str, Any]:
-        """The latest recorded state all of whose messages were taken (the initial one before)."""
-        while self._states and self._states[0][0] <= self._taken:
-            self._settled = self._states.popleft()[1]
-        return self._settled
+    def settled(self, upto: int | None = None) -> dict[str, Any]:
+        """The state after the first ``upto`` messages (default: all taken), capped at what was
+        taken. Without ``advance`` (or the messages), the latest whole poll within that."""
+        limit = self._taken if upto is None else min(upto, self._taken)
+        if limit < self._settled_count:
+            raise ValueError(f"settled state asked for {limit} messages, already past {self._settled_count}")
+        while self._states and self._states[0][0] <= limit:
+            end, self._settled, _ = self._states.popleft()
+            self._settled_count = end
+        if not self._states or self._advance is None:
+            return self._settled
+        end, _, messages = self._states[0]
+        start = end - len(messages)
+        if not messages or limit <= start:
+            return self._settled
+        return self._advance(self._settled, messages[: limit - start])
 
 
 def _routed(message: M, status: str, payload: tuple[Any, ...]) -> Routed[M]:

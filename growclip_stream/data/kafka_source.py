@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -85,8 +85,13 @@ class Message:
 
 @dataclass
 class KafkaSourceConfig:
-    bootstrap: str  # "host:port[,host:port...]"
-    topic: str
+    """The Kafka source's settings; the daemon's ``kafka`` config section is this class (plus the
+    few keys only the daemon uses), so each default lives here once."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012 - read by the daemon's config validation
+
+    bootstrap: str = "127.0.0.1:9092"  # "host:port[,host:port...]"
+    topic: str = "growclip.pairs"
     group_id: str = "growclip"  # group membership (subscribe) and offset commits (both modes)
     auto_offset_reset: str = "earliest"  # where a partition starts with neither checkpoint nor commit
     # DESIGN §6: the broker holds a JoinGroup for session_timeout_ms / 2, so keep this small
@@ -94,6 +99,9 @@ class KafkaSourceConfig:
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1000
     max_poll_records: int = 500
+    # a member that does not poll for this long leaves the group (kafka-python's default); the
+    # online loop keeps polling a paused source through growth searches, checkpoints and pauses
+    max_poll_interval_ms: int = 300_000
     request_timeout_ms: int = 10000
     # None: join the consumer group, which assigns partitions (subscribe). A list of partition
     # numbers, or "all" (every partition the topic has at start): read exactly those (assign), no
@@ -178,6 +186,7 @@ class KafkaSource:
             session_timeout_ms=cfg.session_timeout_ms,
             heartbeat_interval_ms=cfg.heartbeat_interval_ms,
             max_poll_records=cfg.max_poll_records,
+            max_poll_interval_ms=cfg.max_poll_interval_ms,
             request_timeout_ms=cfg.request_timeout_ms,
             reconnect_backoff_ms=cfg.reconnect_backoff_ms,
             reconnect_backoff_max_ms=cfg.reconnect_backoff_max_ms,
@@ -543,6 +552,14 @@ class KafkaSource:
         state["positions"] = positions
         return state
 
+    def state_after(self, state: Mapping[str, Any], messages: Sequence[Message]) -> dict[str, Any]:
+        """``state`` advanced past ``messages`` (returned by :meth:`poll` in this order): the state a
+        checkpoint records when it stops at a record in the middle of a poll."""
+        positions = {int(p): off for p, off in state.get("positions", {}).items()}
+        for msg in messages:
+            positions[msg.partition] = msg.offset + 1
+        return {**state, "positions": {str(p): off for p, off in sorted(positions.items())}}
+
     def load_state_dict(self, state: Mapping[str, Any]) -> bool:
         """Adopts stored positions; partitions are sought to them now if assigned, else on assignment.
 
@@ -743,6 +760,7 @@ class KafkaDeadLetter:
         self._producer = ReliableProducer(
             bootstrap, client_id="growclip-dead-letter", max_block_ms=max_block_ms, security=security
         )
+        self.failures = 0  # flushes that did not get every message acknowledged
 
     def send(self, msg: Message, reason: str, detail: str) -> None:
         headers = [
@@ -786,8 +804,17 @@ class KafkaDeadLetter:
         self._producer.maintain()
 
     def flush(self, timeout_s: float | None = 30.0) -> bool:
-        """Waits until every message is acknowledged (True) or ``timeout_s`` passed (False)."""
-        return self._producer.flush(timeout_s)
+        """Waits until every message is acknowledged (True) or ``timeout_s`` passed (False).
+        Unacknowledged messages stay queued and are sent again; :attr:`failures` counts the
+        flushes that returned False."""
+        if self._producer.flush(timeout_s):
+            return True
+        self.failures += 1
+        log.error(
+            "dead letter not acknowledged in time; messages kept for the next flush",
+            extra={"dlq_topic": self.topic, "pending": self.pending, "timeout_s": timeout_s},
+        )
+        return False
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Flushes for at most ``timeout_s``, then closes; what is still unacknowledged then is

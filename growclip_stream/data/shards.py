@@ -49,6 +49,7 @@ import base64
 import io
 import json
 import logging
+import os
 import posixpath
 import tarfile
 import threading
@@ -61,6 +62,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from growclip_stream.data.kafka_source import Message
 from growclip_stream.data.records import Record, RecordError, RecordLimits, decode_message, sniff_content_type
@@ -388,6 +390,7 @@ class ShardSource:
         self._current: str | None = None
         self._row = 0  # next row of the current shard to return
         self._row_counts: dict[str, int | None] = {}  # every listed shard; None until known
+        self._names: dict[str, str] = {}  # shard URL (a message's topic) -> shard name
         self._reader: _ParquetReader | _TarReader | None = None
         self._attempts = 0  # failed reads of the current shard
         self._retry_at = 0.0  # monotonic time before which a failed shard is not reopened
@@ -461,6 +464,8 @@ class ShardSource:
                 continue
             if rows:
                 topic = self._listing.shard_url(str(shard))
+                with self._lock:
+                    self._names[topic] = str(shard)
                 out.extend(
                     Message(topic, 0, row, value, headers, _NO_TIMESTAMP) for row, value, headers in rows
                 )
@@ -617,6 +622,25 @@ class ShardSource:
                 "row": self._row if self._current is not None else 0,
             }
 
+    def state_after(self, state: Mapping[str, Any], messages: Sequence[Message]) -> dict[str, Any]:
+        """``state`` advanced past ``messages`` (returned by :meth:`poll` in this order): the state a
+        checkpoint records when it stops at a row in the middle of a poll. A shard left behind is
+        completed; an empty or failed shard passed meanwhile is not recorded, so a resume lists
+        it again (it yields no rows, or fails again)."""
+        completed, failed, shard, row = _parse_state(state)
+        done = set(completed)
+        for msg in messages:
+            with self._lock:
+                name = self._names.get(msg.topic)
+            if name is None:
+                raise ValueError(f"message from {msg.topic!r}, which this source did not read")
+            if name != shard:
+                if shard is not None:
+                    done.add(shard)
+                shard = name
+            row = msg.offset + 1
+        return {**state, "completed": sorted(done), "failed": failed, "shard": shard, "row": row}
+
     def load_state_dict(self, state: Mapping[str, Any]) -> bool:
         """Resumes at a :meth:`state_dict`: the next poll returns the row after the last one returned.
 
@@ -695,6 +719,13 @@ class ShardDeadLetter:
     header as text, or null), ``content_type``, ``value_base64`` (the original value bytes) and
     ``time`` (seconds since the epoch). Lines are buffered and appended on :meth:`flush`, which
     :meth:`send` also calls once ``flush_every`` lines or ``flush_interval_s`` seconds accumulate.
+
+    Durability: :meth:`flush` returns True only once every line sent so far is written (and, on a
+    local filesystem, fsynced). A write that fails keeps the lines buffered for the next flush and
+    is counted in :attr:`failures`; on a local file a partly written append is cut back first, so a
+    retry never leaves a torn line. On object stores an append that failed half-way may have
+    landed anyway, so a retried line can appear twice (at least once; ``shard`` and ``row``
+    identify it).
     """
 
     def __init__(
@@ -716,6 +747,7 @@ class ShardDeadLetter:
         self._lines: list[bytes] = []
         self._last_flush = time.monotonic()
         self.sent = 0
+        self.failures = 0  # flushes that could not write their lines (kept for the next one)
 
     def send(self, msg: Any, reason: str, detail: str) -> None:
         headers = dict(reversed(tuple(msg.headers or ())))  # first occurrence wins, as in decoding
@@ -739,16 +771,47 @@ class ShardDeadLetter:
                 or time.monotonic() - self._last_flush >= self.flush_interval_s
             )
         if due:
-            self.flush()
+            self.flush()  # a failure keeps the lines; the checkpoint's flush reports it
 
-    def flush(self) -> None:
+    @property
+    def pending(self) -> int:
+        """Lines not written yet."""
         with self._lock:
-            lines, self._lines = self._lines, []
+            return len(self._lines)
+
+    def flush(self) -> bool:
+        """Writes every buffered line; True when they are all durable, False (lines kept) when not."""
+        with self._lock:
             self._last_flush = time.monotonic()
-            if not lines:
-                return
-            with self._fs.open(self._path, "ab") as f:
-                f.write(b"".join(lines))
+            if not self._lines:
+                return True
+            data = b"".join(self._lines)
+            try:
+                self._append(data)
+            except Exception as err:
+                self.failures += 1
+                log.error(
+                    "dead letter write failed; lines kept for the next flush",
+                    extra={"url": self.url, "lines": len(self._lines), "error": repr(err)},
+                )
+                return False
+            self._lines = []
+            return True
+
+    def _append(self, data: bytes) -> None:
+        if isinstance(self._fs, LocalFileSystem):
+            with open(self._path, "ab") as f:
+                size = f.tell()
+                try:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                except BaseException:
+                    f.truncate(size)  # no torn line: the retry appends it whole
+                    raise
+            return
+        with self._fs.open(self._path, "ab") as f:
+            f.write(data)
 
     def close(self) -> None:
         self.flush()

@@ -18,7 +18,7 @@ import hashlib
 import itertools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Protocol
 
@@ -250,9 +250,13 @@ class GrowthController:
         train_batches: Iterator[Batch],
         holdout_batches: Sequence[Batch],
         optimizer: torch.optim.Optimizer | None = None,
+        between: Callable[[], None] | None = None,
     ) -> GrowthPlan | None:
         """Choose what to grow into, or decline; `model` is only read. None when nothing can be
         searched (nothing fits the bounds, no held-out data, no search budget left: `last_refusal`).
+
+        `between` runs between candidates while they are scored (the supernet steps have theirs
+        in `train_batches`): it may raise to cancel the search.
 
         The search is sized to its budget (`search_budget_fraction` of all work so far, by FLOPs and
         by wall time): whole held-out batches to score (one, then more while scoring stays within
@@ -300,7 +304,7 @@ class GrowthController:
         scores = score_candidates(
             supernet, candidates, holdout_batches, rule=self.cfg.selection_rule,
             decline_z=self.cfg.decline_z, min_gain=self.cfg.min_gain, resamples=self.cfg.bootstrap_resamples,
-            seed=self.cfg.seed + self.generation,
+            seed=self.cfg.seed + self.generation, between=between,
         )  # fmt: skip
         chosen = select(
             scores, decline_z=self.cfg.decline_z, resamples=self.cfg.bootstrap_resamples,

@@ -172,8 +172,12 @@ def score_candidates(
     min_gain: float = 1e-3,
     resamples: int = 1000,
     seed: int = 0,
+    between: Callable[[], None] | None = None,
 ) -> list[CandidateScore]:
-    """Score every candidate against the supernet's no-growth base on the same held-out samples."""
+    """Score every candidate against the supernet's no-growth base on the same held-out samples.
+
+    `between` runs before each candidate (the caller's chance to keep its consumer polled, or to
+    cancel the search by raising)."""
     if rule not in RULES:
         raise ValueError(f"selection rule must be one of {RULES}, got {rule!r}")
     device = supernet.initial_state["proj.weight"].device
@@ -185,6 +189,8 @@ def score_candidates(
     base = metrics(supernet.reference)
     out = []
     for cand in candidates:
+        if between is not None:
+            between()
         m = metrics(cand)
         diffs = base.per_sample - m.per_sample
         gain = float(diffs.mean())

@@ -66,16 +66,40 @@ class LoopConfig:
             raise ValueError("recent_capacity must be >= 2")
 
 
+class SearchCancelled(Exception):
+    """A growth search gave up because the loop is stopping."""
+
+
 class Source(Protocol):
+    """Where records come from (Kafka, shards): one interface, so the daemon needs no union of kinds.
+
+    ``state_dict`` is the position after the last record ``poll`` returned; ``state_after(state,
+    messages)`` the position after ``messages`` (returned in that order) read from ``state``, so a
+    checkpoint can stop at any record, not only where a poll ended; ``commit(state)`` is
+    told that a checkpoint holding ``state`` is durable; ``lag`` is records not read yet, per
+    partition. ``pause`` stops delivery while ``poll`` keeps being called (Kafka group membership).
+    """
+
     def poll(self, timeout_s: float, max_records: int | None = None) -> Sequence[Any]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> bool | None: ...
     def pause(self) -> None: ...
     def resume(self) -> None: ...
+    @property
+    def paused(self) -> bool: ...
+    def state_after(self, state: dict[str, Any], messages: Sequence[Any]) -> dict[str, Any]: ...
+    def commit(self, state: dict[str, Any] | None = None) -> object: ...
+    def lag(self) -> dict[int, int]: ...
+    def close(self) -> None: ...
 
 
 class DeadLetter(Protocol):
+    """Where unusable records go. ``flush`` returns True once everything sent so far is durable
+    (acknowledged by the broker, written to storage), False when it could not be made so."""
+
     def send(self, msg: Any, reason: str, detail: str) -> None: ...
+    def flush(self) -> bool: ...
+    def close(self) -> None: ...
 
 
 class Publisher(Protocol):
@@ -112,7 +136,9 @@ class OnlineLoop:
         cfg: LoopConfig,
         publish: Publisher,
         observer: LoopObserver,
+        audit: bool = False,
     ) -> None:
+        """``audit``: keep each taken record's fate (see :meth:`take_settled_fates`)."""
         self.source = source
         self.dead_letter = dead_letter
         self.pipeline = pipeline
@@ -130,16 +156,25 @@ class OnlineLoop:
         self.holdout = Reservoir(cfg.holdout_capacity, seed=trainer.cfg.seed + 1)
         self.last_eval_loss: float | None = None
         # Source positions up to which every record is settled (trained, held out or dead-lettered):
-        # what a checkpoint may record and what may be committed. The pipeline decodes up to two
-        # batches ahead, but only what the batch lacks is taken out of it, so the batcher empties at
-        # every step; then every message taken so far is settled.
-        self.ledger = SettledStates(source.state_dict())
-        self.settled_source_state: dict[str, Any] = source.state_dict()
+        # what a checkpoint may record and what may be committed. Records are taken out of the
+        # decode pipeline in arrival order; the batcher trains them first in, first out, so the
+        # settled records are exactly those taken before the oldest one still pending in the
+        # batcher. The ledger turns that count into source positions, record-exact.
+        self.ledger = SettledStates(source.state_dict(), advance=source.state_after)
+        self.settled_source_state: dict[str, Any] = source.state_dict()  # as of the last iteration
+        self._taken = 0  # records taken out of the pipeline
+        self.dead_lettered = 0  # records sent to the dead letter
+        self._pending_index: deque[int] = deque()  # the take index of each sample in the batcher
+        # (take index, source key, record id, fate, reason) of records taken, for an audit trail
+        self._fates: deque[tuple[int, str, str | None, str, str]] | None = deque() if audit else None
         self._rng = random.Random(trainer.cfg.seed)
         self._grow_requested = threading.Event()
+        self._stop = threading.Event()  # set by run()'s caller: a growth search in progress gives up
         self._search: Future[GrowthPlan | None] | None = None  # a search running beside training
+        self._search_thread: threading.Thread | None = None
         self._search_started = 0.0
         self._guard: GrowthGuard | None = None  # the base model trained beside a fresh growth
+        self._tick: Callable[[], None] | None = None
         self._wait_since = time.perf_counter()
 
     # -- control, callable from any thread -------------------------------------------------
@@ -154,8 +189,32 @@ class OnlineLoop:
         had when the loop was built, and a checkpoint taken before new data arrives would record those.
         """
         self.source.load_state_dict(state)
-        self.ledger = SettledStates(self.source.state_dict())
+        self.ledger = SettledStates(self.source.state_dict(), advance=self.source.state_after)
         self.settled_source_state = self.source.state_dict()
+        self._taken = 0
+        self._pending_index.clear()
+        if self._fates is not None:
+            self._fates.clear()
+
+    def settled_state(self) -> dict[str, Any]:
+        """The source state up to which every record is settled, now (loop thread only)."""
+        return self.ledger.settled(self._settled_count())
+
+    def _settled_count(self) -> int:
+        return self._pending_index[0] if self._pending_index else self._taken
+
+    def take_settled_fates(self) -> list[tuple[str, str | None, str, str]]:
+        """``(source key, record id, fate, reason)`` of every settled record not handed out yet,
+        in source order; fate is ``trained``, ``held_out`` or ``dead_letter`` (loop thread only,
+        with ``audit``). The records are those :meth:`settled_state` covers, so an audit trail
+        written with a checkpoint names exactly the records that checkpoint accounts for."""
+        if self._fates is None:
+            raise RuntimeError("the loop was built without audit")
+        upto = self._settled_count()
+        out = []
+        while self._fates and self._fates[0][0] < upto:
+            out.append(self._fates.popleft()[1:])
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """What a restart needs beyond weights, optimizer and growth: the loop's generator and the
@@ -191,13 +250,20 @@ class OnlineLoop:
         paused: threading.Event | None = None,
         tick: Callable[[], None] | None = None,
     ) -> None:
-        """Loop until `stop` is set, idling while `paused` is; `tick` runs after every iteration."""
+        """Loop until `stop` is set, idling while `paused` is; `tick` runs after every iteration,
+        and between the steps of a growth search (which `stop` cancels)."""
+        self._stop = stop
+        self._tick = tick
         self.publish_now()
         while not stop.is_set():
-            if paused is not None and paused.is_set():
-                self.idle()
-            else:
-                self.run_once()
+            try:
+                if paused is not None and paused.is_set():
+                    self.idle()
+                else:
+                    self.run_once()
+            except SearchCancelled:
+                log.info("growth search cancelled: stopping")
+                break
             if tick is not None:
                 tick()
         self.finish()
@@ -219,7 +285,7 @@ class OnlineLoop:
             messages = self.source.poll(self.cfg.poll_timeout_s if in_flight == 0 else 0.0, max_records=want)
             if messages:
                 self.pipeline.submit(messages)
-                self.ledger.submitted(len(messages), self.source.state_dict())
+                self.ledger.submitted(len(messages), self.source.state_dict(), messages)
         lack = batch_size - self.batcher.pending()
         if lack > 0:
             self._ingest(self.pipeline.take(max_items=lack, timeout_s=0.05))
@@ -227,8 +293,7 @@ class OnlineLoop:
             data_wait = time.perf_counter() - self._wait_since
             self._train(fresh, data_wait)
             self._wait_since = time.perf_counter()
-        if self.batcher.pending() == 0:
-            self.settled_source_state = self.ledger.settled()
+        self.settled_source_state = self.settled_state()
         if self._grow_requested.is_set():
             self._grow_requested.clear()
             self.grow_now("forced")
@@ -238,22 +303,25 @@ class OnlineLoop:
 
         A single leftover record cannot make a contrastive step (it has no negatives): it stays
         unsettled, so the next run reads it again instead of it being lost. A search still running
-        beside training is abandoned (the next run's triggers will start another).
+        beside training is cancelled and waited for (the next run's triggers will start another).
         """
+        self._stop.set()  # a search thread gives up at its next step
         while self.pipeline.in_flight():  # what is being decoded is routed too
             self._ingest(self.pipeline.take(timeout_s=1.0))
         while (fresh := self.batcher.take()) is not None:
-            self._train(fresh, 0.0)
+            self._train(fresh, 0.0, grow=False)
         pending = self.batcher.drain()
         if len(pending) >= 2:
-            self._train(pending, 0.0, replay=False)
-        if len(pending) != 1:
-            self.settled_source_state = self.ledger.settled()
-        else:
+            self._train(pending, 0.0, replay=False, grow=False)
+            self._pending_index.clear()
+        elif pending:
+            self.batcher.add(pending[0])  # it stays pending: the settled state stops before it
             log.info("a single last record stays unsettled for the next run", extra={"id": pending[0].id})
-        if self._search is not None:
-            self._search.cancel()
-            self._search = None
+        self.settled_source_state = self.settled_state()
+        search, self._search = self._search, None
+        if search is not None and self._search_thread is not None:
+            self._search_thread.join()  # it stops at its next supernet step
+        self._search_thread = None
         self.publish_now()
 
     def _ingest(self, routed: Sequence[Routed[Any]]) -> None:
@@ -262,16 +330,26 @@ class OnlineLoop:
         self.ledger.taken(len(routed))
         counts: Counter[str] = Counter()
         for item in routed:
+            index = self._taken
+            self._taken += 1
             counts[item.status] += 1
             if isinstance(item.result, RecordError):
                 self.dead_letter.send(item.message, item.result.reason, item.result.detail)
+                self.dead_lettered += 1
+                fate, sample_id = "dead_letter", None
             elif item.status == "held_out":
                 self.holdout.add(item.result)
+                fate, sample_id = "held_out", item.result.id
             else:
                 self.batcher.add(item.result)
+                self._pending_index.append(index)
+                fate, sample_id = "trained", item.result.id
+            if self._fates is not None:
+                reason = item.status if fate == "dead_letter" else ""
+                self._fates.append((index, _source_key(item.message), sample_id, fate, reason))
         self.observer.on_records(dict(counts))
 
-    def _train(self, fresh: list[Sample], data_wait_s: float, replay: bool = True) -> None:
+    def _train(self, fresh: list[Sample], data_wait_s: float, replay: bool = True, grow: bool = True) -> None:
         replayed = self.replay.sample(self.replay_per_batch, {s.id for s in fresh}) if replay else []
         # on an accelerator, raw uint8 pixels cross to it (pinned for CUDA) and are normalised there
         on_device = self.trainer.device.type != "cpu"
@@ -280,6 +358,8 @@ class OnlineLoop:
         )
         train_batch = Batch(batch.images, batch.tokens, batch.ids, replayed=len(replayed))
         stats = self.trainer.train_step(train_batch)
+        for _ in range(min(len(fresh), len(self._pending_index))):
+            self._pending_index.popleft()  # trained: the batcher hands samples out first in, first out
         for sample in fresh:
             self.replay.add(sample)
             self.recent.append(sample)
@@ -292,7 +372,7 @@ class OnlineLoop:
         if stats.step % self.cfg.eval_every_steps == 0:
             self.evaluate()
         trigger = None
-        if self._search is None and self._guard is None:
+        if self._search is None and self._guard is None and grow:
             trigger = self.growth.due(
                 samples=self.trainer.samples,
                 step=self.trainer.step,
@@ -313,18 +393,39 @@ class OnlineLoop:
             self.observer.on_eval(loss)
         return loss
 
-    def _supernet_batches(self) -> Iterator[Batch]:
+    def _supernet_batches(self, between: Callable[[], None]) -> Iterator[Batch]:
         """Endless batches drawn from a snapshot of recent and replayed samples, each sample once
-        (a recent sample is usually in the replay reservoir too)."""
+        (a recent sample is usually in the replay reservoir too); ``between`` runs before each one,
+        between the supernet's steps (it may raise :class:`SearchCancelled`)."""
         pool = dedupe_by_id([*self.recent, *self.replay.sample(len(self.recent))])
         rng = random.Random(self._rng.random())
         size = min(self.trainer.cfg.batch_size, len(pool))
         while size >= 2:
+            between()
             yield collate(rng.sample(pool, size), self.tokenizer)
+
+    def _between_search_steps(self) -> None:
+        """A search in the loop thread: give up when stopping, keep the paused source polled (a
+        Kafka consumer that stops polling for max_poll_interval_ms leaves its group), and run the
+        tick, so checkpoints, admin requests and lag go on during a long search."""
+        if self._stop.is_set():
+            raise SearchCancelled("stop requested during a growth search")
+        if not self.source.paused:
+            self.source.pause()
+        self.source.poll(0.0, max_records=1)  # returns nothing while paused
+        if self._tick is not None:
+            self._tick()
+
+    def _check_cancelled(self) -> None:
+        """A search beside training: give up when stopping."""
+        if self._stop.is_set():
+            raise SearchCancelled("stop requested during a growth search")
 
     # -- growth ------------------------------------------------------------------------------
     def grow_now(self, trigger: str) -> GrowthEvent | None:
-        """Grow now (or start a search beside training when so configured); the event when grown here."""
+        """Grow now (or start a search beside training when so configured); the event when grown here.
+
+        Raises :class:`SearchCancelled` when the loop is stopped during the search."""
         if self._search is not None or self._guard is not None:
             log.info("growth already in progress", extra={"trigger": trigger})
             return None
@@ -332,7 +433,7 @@ class OnlineLoop:
         start = time.perf_counter()
         if self.growth.cfg.train_during_search:
             model = copy.deepcopy(self.trainer.model)  # the search reads its own copy
-            batches = self._supernet_batches()
+            batches = self._supernet_batches(self._check_cancelled)
             self._search_started = start
             self._search = Future()
             future = self._search
@@ -341,25 +442,36 @@ class OnlineLoop:
                 try:
                     with self.trainer.autocast():  # autocast is per thread: the search's own
                         plan = self.growth.search(
-                            model, trigger=trigger, train_batches=batches, holdout_batches=holdout
+                            model,
+                            trigger=trigger,
+                            train_batches=batches,
+                            holdout_batches=holdout,
+                            between=self._check_cancelled,
                         )
                     future.set_result(plan)
                 except BaseException as err:  # reported in the loop thread
                     future.set_exception(err)
 
-            threading.Thread(target=search, name="growth-search", daemon=True).start()
+            self._search_thread = threading.Thread(target=search, name="growth-search", daemon=True)
+            self._search_thread.start()
             log.info("growth search started beside training", extra={"trigger": trigger})
             return None
         # The supernet's forward passes run in the trainer's precision; weights, growth operators
         # and PIM stay exact fp32 (autocast only casts matmul inputs, never parameters).
-        with self.trainer.autocast():
-            plan = self.growth.search(
-                self.trainer.model,
-                trigger=trigger,
-                train_batches=self._supernet_batches(),
-                holdout_batches=holdout,
-                optimizer=self.trainer.optimizer,
-            )
+        was_paused = self.source.paused
+        try:
+            with self.trainer.autocast():
+                plan = self.growth.search(
+                    self.trainer.model,
+                    trigger=trigger,
+                    train_batches=self._supernet_batches(self._between_search_steps),
+                    holdout_batches=holdout,
+                    optimizer=self.trainer.optimizer,
+                    between=self._between_search_steps,
+                )
+        finally:
+            if not was_paused and self.source.paused:
+                self.source.resume()
         return self._apply(plan, trigger, start)
 
     def _finish_search(self) -> None:
@@ -489,3 +601,8 @@ def dedupe_by_id(samples: Sequence[Sample]) -> list[Sample]:
             seen.add(sample.id)
             out.append(sample)
     return out
+
+
+def _source_key(message: Any) -> str:
+    """Where a record sits in its source: ``<topic or shard>:<partition>:<offset>``."""
+    return f"{message.topic}:{message.partition}:{message.offset}"

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from kafka import KafkaAdminClient
 
 from growclip_daemon.broker import EmbeddedBroker, tansu_binary
+from tests.helpers import process_alive
 
 
 def tansu_children() -> list[int]:
@@ -99,3 +103,27 @@ def test_broker_that_exits_at_start_fails_with_its_log() -> None:
         EmbeddedBroker(storage="nosuchengine://x/").start(timeout_s=15)
     assert "log tail" in str(err.value)
     assert set(tansu_children()) == before
+
+
+def test_the_broker_dies_with_a_sigkilled_parent(tmp_path: Path) -> None:
+    """A parent killed by SIGKILL runs no cleanup; the kernel must take the broker down with it."""
+    script = (
+        "import sys, time\n"
+        "from growclip_daemon.broker import EmbeddedBroker\n"
+        "b = EmbeddedBroker(port=0)\n"
+        "b.start(timeout_s=60)\n"
+        "print(b.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        broker_pid = int(parent.stdout.readline())
+        assert process_alive(broker_pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while process_alive(broker_pid):
+        assert time.monotonic() < deadline, "the broker outlived its SIGKILLed parent"
+        time.sleep(0.1)

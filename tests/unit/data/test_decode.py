@@ -31,7 +31,7 @@ from growclip_stream.data.decode import (
 from growclip_stream.data.images import ImageTransform
 from growclip_stream.data.pipeline import Decoder, RawMessage, Sample, route
 from growclip_stream.data.records import Record, RecordError, RecordLimits, encode_binary, encode_json
-from tests.helpers import CrashingDecoder
+from tests.helpers import CrashingDecoder, SlowStartDecoder
 
 LIMITS = RecordLimits(max_image_pixels=10_000, max_image_side=200)
 DECODER = Decoder(ImageTransform(size=16, channels=1), LIMITS)
@@ -256,7 +256,7 @@ def test_torch_threads_are_left_alone(method: Method) -> None:
         torch.set_num_threads(before)
 
 
-def drain_pipe(pipe: DecodePipeline[Msg], n: int, timeout_s: float = 60.0) -> list[Routed[Msg]]:
+def drain_pipe(pipe: DecodePipeline[Msg], n: int, timeout_s: float = 300.0) -> list[Routed[Msg]]:
     got: list[Routed[Msg]] = []
     deadline = time.monotonic() + timeout_s
     while len(got) < n:
@@ -300,6 +300,16 @@ def test_a_record_that_hangs_its_worker_is_dead_lettered_after_the_stall_timeout
         pipe.submit(messages[:4])
         assert_same(drain_pipe(pipe, 4), messages[:4])
         assert pipe.stalls == 1
+
+
+def test_slow_process_start_up_never_gets_good_records_dead_lettered() -> None:
+    """Worker processes that take 3 s to start (a loaded machine) against a 1 s stall timeout:
+    only the record that hangs is dead-lettered, never a good one waiting for a process."""
+    slow = SlowStartDecoder(DECODER.transform, LIMITS, start_s=3.0)
+    messages = mixed_messages(12)
+    with DecodePipeline[Msg](slow, HOLDOUT, num_workers=2, method="process", stall_timeout_s=1.0) as pipe:
+        poisoned_run(pipe, messages, 5, b"hang", STALL_DETAIL)
+        assert pipe.crashed_records == 1
 
 
 def test_a_worker_killed_from_outside_loses_nothing() -> None:

@@ -349,3 +349,19 @@ def test_corrupt_row_group_gives_the_rows_before_it_once(tmp_path: Path, real_re
             break
     assert [m.offset for m in msgs] == list(range(10))  # row group 0 whole, once, despite retries
     assert list(src.state_dict()["failed"]) == ["00000.parquet"]
+
+
+def test_a_failed_dead_letter_write_keeps_its_lines_and_says_so(tmp_path: Path) -> None:
+    """A flush that cannot write returns False and keeps every line; the next one writes each once."""
+    path = tmp_path / "dlq.jsonl"
+    path.mkdir()  # a folder where the file should be: every append fails, even as root
+    msg = Message("shard-a", 0, 7, b"junk", (("id", b"r7"),), -1)
+    dlq = ShardDeadLetter(str(path), flush_every=1000)
+    dlq.send(msg, "not_an_image", "x")
+    dlq.send(Message("shard-a", 0, 8, b"junk", (("id", b"r8"),), -1), "not_an_image", "y")
+    assert dlq.flush() is False
+    assert dlq.flush() is False
+    assert dlq.pending == 2 and dlq.failures == 2
+    path.rmdir()
+    assert dlq.flush() is True and dlq.pending == 0
+    assert [(e["key"], e["row"]) for e in read_dead_letter(str(path))] == [("r7", 7), ("r8", 8)]
