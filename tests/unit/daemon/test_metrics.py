@@ -255,7 +255,7 @@ def test_set_model_publishes_generation_parameters_and_flops() -> None:
 
 
 def test_growth_decisions_and_search_work_are_exported() -> None:
-    from growclip_daemon.engine import MetricsObserver
+    from growclip_daemon.observer import MetricsObserver
     from growclip_stream.growth.budget import WorkLedger
     from growclip_stream.growth.controller import GrowthEvent
 
@@ -284,7 +284,7 @@ def test_growth_decisions_and_search_work_are_exported() -> None:
 
 
 def test_data_wait_is_observed_per_step() -> None:
-    from growclip_daemon.engine import MetricsObserver
+    from growclip_daemon.observer import MetricsObserver
     from growclip_stream.train.trainer import StepStats
 
     m = Metrics()
