@@ -33,7 +33,8 @@ from growclip_stream.data.records import Record, is_held_out
 from tests.helpers import Daemon
 
 SEED = 20261201
-GOOD, BAD_EVERY = 320, 20  # a bad record after every 20 good ones
+GOOD, BAD_EVERY = 560, 20  # a bad record after every 20 good ones
+FIRST = 240  # records produced before the first start (enough to grow); the rest come in chunks
 HOLDOUT = 0.1
 KILLS = 10
 TARGETED = ["checkpoint", "checkpoint", "search", "search", "dead_letter", "dead_letter"]
@@ -109,7 +110,10 @@ def test_sigkill_at_any_moment_loses_nothing_and_trains_nothing_twice(
 ) -> None:
     rng = random.Random(SEED)
     produced = records()
-    assert produce(broker, topic, produced) == len(produced)
+    # the first chunk, then one chunk before each restart: every incarnation has fresh records
+    # to train, hold out and dead-letter
+    cuts = [FIRST + (len(produced) - FIRST) * i // KILLS for i in range(KILLS + 1)]
+    assert produce(broker, topic, produced[: cuts[0]]) == cuts[0]
     bad_ids = {r.id for r in produced if r.id.startswith("bad-")}
     audit = tmp_path / "audit.jsonl"
     settings = (
@@ -131,6 +135,8 @@ def test_sigkill_at_any_moment_loses_nothing_and_trains_nothing_twice(
         "growth.max_ops_per_step=1",  # few candidates: a search takes seconds, not minutes
         "growth.selection_samples=32",
         "growth.max_growths=1",  # a search killed before its growth is checkpointed comes back
+        "growth.search_budget_fraction=0.9",  # searches are what this test kills, not what it saves
+        "growth.guard_steps=0",
         "checkpoint.every_s=1",
         "checkpoint.keep=4",
         f"audit_log={audit}",
@@ -153,6 +159,9 @@ def test_sigkill_at_any_moment_loses_nothing_and_trains_nothing_twice(
 
     logs = []
     for i, point in enumerate(plan):
+        if i:
+            chunk = produced[cuts[i - 1] : cuts[i]]
+            assert produce(broker, topic, chunk) == len(chunk)
         run_dir = tmp_path / f"run{i:02d}"
         run_dir.mkdir()
         monkeypatch.setenv(FAULTS_ENV, f"{point}:{rng.randint(1, 2)}" if point else "")
@@ -184,6 +193,8 @@ def test_sigkill_at_any_moment_loses_nothing_and_trains_nothing_twice(
     assert sum(kills.values()) >= 10 and all(kills[p] for p in set(TARGETED)), kills
 
     # The last incarnation runs until every record is settled, and stops cleanly.
+    rest = produced[cuts[-2] :]
+    assert produce(broker, topic, rest) == len(rest)
     monkeypatch.setenv(FAULTS_ENV, "")
     final_dir = tmp_path / "final"
     final_dir.mkdir()
