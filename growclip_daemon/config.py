@@ -53,7 +53,10 @@ class KafkaSettings(KafkaSourceConfig):
             raise ValueError(
                 "need session_timeout_ms >= 1000, heartbeat_interval_ms >= 100 and max_poll_records >= 1"
             )
-        check_security(self.security)
+        try:
+            check_security(self.security)
+        except ValueError as err:  # pydantic reports the whole section; name the field
+            raise ValueError(f"kafka.security: {err}") from None
 
     def client_security(self) -> dict[str, Any]:
         """kafka-python keyword arguments, secrets read from the environment (raises if one is unset)."""
