@@ -1,14 +1,19 @@
 """The demo's timeline: `growclip-daemon start --config configs/demo.yaml`, as `make run` starts it.
 
-Samples `GET /v1/model` every second for `--seconds` (default 300) and records when the daemon
+Samples `GET /v1/model` every second for `--seconds` (default 600) and records when the daemon
 became ready, when each growth finished, the architecture and parameters after each, training
 throughput, source lag, the held-out loss, and the README's curl answer at the end (the `model`
-it names). Usage: ``.venv/bin/python bench/demo_timeline.py [--seconds 300]``.
+it names). Every `--zero-shot-every` seconds, and at the end, it measures what a user would:
+zero-shot top-1 on the reserved Fashion-MNIST test images (the producer streams the train split
+only), embedding the images and the class prompts through `POST /v1/embeddings` and classifying
+each image by its nearest prompt ensemble. At the end it reads the share of wall time and FLOPs the
+growth search took from `/metrics`. Usage: ``.venv/bin/python bench/demo_timeline.py [--seconds 600]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import platform
 import signal
@@ -20,7 +25,11 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
+
+from growclip_stream.data.datasets import fill_template, load_labelled
+from growclip_stream.evaluation import PROMPT_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,9 +40,39 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _embed(client: httpx.Client, items: list, batch: int = 128) -> np.ndarray:  # type: ignore[type-arg]
+    """Embeddings of texts and {"image": base64} items through the API, in batches of `batch`."""
+    out = []
+    for i in range(0, len(items), batch):
+        r = client.post("/v1/embeddings", json={"input": items[i : i + batch]})
+        r.raise_for_status()
+        out += [d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])]
+    return np.asarray(out, dtype=np.float64)
+
+
+def zero_shot_over_http(
+    client: httpx.Client, images: list[bytes], labels: np.ndarray, classes: tuple
+) -> float:  # type: ignore[type-arg]
+    """Top-1 of the nearest class prompt (templates averaged), every embedding from the HTTP API."""
+    prompts = [fill_template(t, c) for c in classes for t in PROMPT_TEMPLATES]
+    text = _embed(client, prompts).reshape(len(classes), len(PROMPT_TEMPLATES), -1).mean(axis=1)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    img = _embed(client, [{"image": base64.b64encode(b).decode()} for b in images])
+    return float(((img @ text.T).argmax(axis=1) == labels).mean())
+
+
+def _metric(text: str, name: str, labels: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=300)
+    parser.add_argument("--seconds", type=float, default=600)
+    parser.add_argument("--zero-shot-every", type=float, default=120)
+    parser.add_argument("--zero-shot-images", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "demo_timeline.json")
     args = parser.parse_args()
     port = free_port()
@@ -52,10 +91,17 @@ def main() -> None:
         "--set",
         f"checkpoint.root={tmp / 'ckpt'}",
     ]
+    test_images, test_labels, classes = load_labelled("fashion-mnist", "test")
+    test_images, labels = (
+        test_images[: args.zero_shot_images],
+        np.asarray(test_labels[: args.zero_shot_images]),
+    )
+    zero_shot: list[dict[str, object]] = []
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=tmp, stdout=(tmp / "log").open("w"), stderr=subprocess.STDOUT)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     ready_s, samples, growths_seen = None, [], 0
+    next_zero_shot = args.zero_shot_every
     try:
         while time.monotonic() - start < args.seconds:
             time.sleep(1.0)
@@ -80,6 +126,21 @@ def main() -> None:
                 }
             )
             growths_seen = m["generation"]
+            if t >= next_zero_shot:
+                next_zero_shot += args.zero_shot_every
+                top1 = zero_shot_over_http(client, test_images, labels, classes)
+                zero_shot.append({"t": t, "model": m.get("version"), "top1": top1})
+                print(json.dumps({"zero_shot": zero_shot[-1]}), flush=True)
+        final_model = client.get("/v1/model").json()
+        zero_shot.append(
+            {"t": round(time.monotonic() - start, 1), "model": final_model.get("version"),
+             "top1": zero_shot_over_http(client, test_images, labels, classes)}
+        )  # fmt: skip
+        metrics = client.get("/metrics").text
+        search_share = {
+            basis: _metric(metrics, "growclip_growth_search_fraction", f'basis="{basis}"')
+            for basis in ("wall", "flops")
+        }
         curl = client.post(
             "/v1/embeddings", json={"input": ["a photo of a sneaker", "a grey ankle boot on white"]}
         )
@@ -117,6 +178,9 @@ def main() -> None:
         "seconds": args.seconds,
         "ready_after_s": ready_s,
         "growths": growths_seen,
+        "zero_shot_top1_over_http": zero_shot,
+        "zero_shot_images": len(test_images),
+        "search_share": search_share,
         "growth_events": events,
         "curl_status": curl.status_code,
         "curl_model": curl.json().get("model"),
