@@ -183,7 +183,7 @@ def test_supernet_batches_hold_each_sample_once(tmp_path: Path, n: int) -> None:
     loop, rec, _ = build(tmp_path, plan_growth(guard_steps=0), sabotage=False)
     run_until(loop, lambda: len(rec.steps) >= 12)
     assert len(loop.recent) > 16
-    for batch in itertools.islice(loop._supernet_batches(), n):
+    for batch in itertools.islice(loop._supernet_batches(between=lambda: None), n):
         assert len(set(batch.ids)) == len(batch.ids)
     loop.finish()
     loop.pipeline.close()
