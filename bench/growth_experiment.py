@@ -16,7 +16,8 @@ every FLOP growth spends besides training: the supernet, scoring candidates, and
 model trained beside each fresh growth):
 
 - ``fixed_small``: the initial architecture, never grown;
-- ``fixed_large``: from scratch at the architecture the ``grown_search`` arm of the same seed ends at;
+- ``fixed_large``: from scratch at the largest architecture a grown arm of the same seed ends at
+  (the ``grown_search`` arm's when it grows the most; if no arm grows it equals ``fixed_small``);
 - ``grown_search``: the product's method (supernet search, selection, PIM), as configured;
 - ``grown_inherit``: the same search, but plain function-preserving inheritance (momentum 1);
 - ``grown_schedule``: growth on the same triggers but by a fixed plan of operators (no search);
@@ -722,8 +723,11 @@ def run(mode: str, out_dir: Path, arms: Sequence[str] = ARMS, machine: str | Non
             else:
                 arch = scale.arch
             res = ArmRun(scale, arm, seed, arch, budget, data).run()
-            if arm == "grown_search":
-                final_arch = ArchConfig.from_dict(res.final["arch"])
+            grown = ArchConfig.from_dict(res.final["arch"])
+            if arm.startswith("grown") and (
+                final_arch is None or grown.num_params() > final_arch.num_params()
+            ):
+                final_arch = grown
             results.append(res)
             log.info(
                 "arm done",

@@ -94,7 +94,7 @@ def test_smoke_run_spends_each_arm_budget_and_writes_only_where_told(tmp_path: P
         assert budget <= spent < budget * 1.2, (r["arm"], spent, budget)
         assert len(r["curve"]) >= 3 and all(np.isfinite(p["holdout_loss"]) for p in r["curve"])
     grown, large = runs[1], runs[2]
-    assert large["final"]["arch"] == grown["final"]["arch"], "fixed_large is the size grown_search ends at"
+    assert large["final"]["arch"] == grown["final"]["arch"], "fixed_large is the size the grown arm ends at"
     assert grown["final"]["growth_flops"] > 0, "growth work is charged to the grown arm's budget"
     for suffix in ("json", "md", "png"):
         assert (tmp_path / f"growth_experiment_smoke.{suffix}").stat().st_size > 0
