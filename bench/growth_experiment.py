@@ -626,6 +626,9 @@ def summarise(results: Sequence[ArmResult], budget: float) -> dict[str, Any]:
         row["params"] = [by[arm, s].final["params"] for s in seeds]
         row["growths"] = [_outcomes(by[arm, s].growths) for s in seeds]
         row["growth_flops_share"] = [by[arm, s].final["growth_flops"] / budget for s in seeds]
+        row["budget_used"] = [
+            (by[arm, s].final["growth_flops"] + by[arm, s].final["train_flops"]) / budget for s in seeds
+        ]
         table[arm] = row
     paired: dict[str, Any] = {}
     for ref in ("fixed_large", "fixed_small"):
@@ -656,8 +659,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "held-out loss (— where it never did).",
         "",
         "| arm | zero-shot top-1 | R@1 image→text | R@1 text→image | final held-out loss | reach "
-        "| params (per seed) | grown/declined/rolled back | growth-work share |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |",
+        "| params (per seed) | grown/declined/rolled back | growth-work share | budget used |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | --- |",
     ]
     for arm, row in summary["arms"].items():
         reach = ", ".join(
@@ -668,7 +671,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             f"| {arm} | {row['zero_shot_top1']:.3f} | {row['image_to_text_r1']:.3f} "
             f"| {row['text_to_image_r1']:.3f} "
             f"| {row['holdout_loss']:.3f} | {reach} | {', '.join(str(p) for p in row['params'])} "
-            f"| {', '.join(str(g) for g in row['growths'])} | {search} |"
+            f"| {', '.join(str(g) for g in row['growths'])} | {search} "
+            f"| {', '.join(f'{u:.3f}' for u in row['budget_used'])} |"
         )
     lines += ["", "Paired by seed (arm minus reference, per seed):", ""]
     for name, p in summary["paired"].items():

@@ -91,7 +91,10 @@ def test_smoke_run_spends_each_arm_budget_and_writes_only_where_told(tmp_path: P
     assert [r["arm"] for r in runs] == ["fixed_small", "grown_search", "fixed_large"]
     for r in runs:
         spent = r["final"]["train_flops"] + r["final"]["growth_flops"]
-        assert budget <= spent < budget * 1.2, (r["arm"], spent, budget)
+        # an arm stops at the first step past its budget; a growth search that began just before it
+        # runs out still finishes (a smoke budget is a few searches long; the quick run records ~1%)
+        assert budget <= spent < budget * 1.6, (r["arm"], spent, budget)
+        assert r["final"]["train_flops"] < budget * 1.05, "training itself stops at the budget"
         assert len(r["curve"]) >= 3 and all(np.isfinite(p["holdout_loss"]) for p in r["curve"])
     grown, large = runs[1], runs[2]
     assert large["final"]["arch"] == grown["final"]["arch"], "fixed_large is the size the grown arm ends at"
