@@ -53,7 +53,7 @@ def test_failing_periodic_checkpoints_never_stop_training_and_a_restart_resumes_
     tmp_path: Path,
 ) -> None:
     shards = tmp_path / "shards"
-    write_parquet_shards(itertools.islice(iter_records("fashion-mnist", seed=3), 600), str(shards), 300)
+    write_parquet_shards(itertools.islice(iter_records("fashion-mnist", seed=3), 300), str(shards), 300)
     store, away = tmp_path / "store", tmp_path / "store.away"
     root = store / "ckpt"
     root.mkdir(parents=True)
@@ -65,6 +65,14 @@ def test_failing_periodic_checkpoints_never_stop_training_and_a_restart_resumes_
         store.write_text("not a folder")
         daemon.wait_for(lambda: metric(daemon, "growclip_checkpoint_failures_total") >= 1, 180, "a failure")
         step = training(daemon)["step"]  # type: ignore[index]
+        # new data only now, so "training goes on" cannot be the first shard's last steps (on a slow
+        # machine the first failure is counted after the first shard is trained); renamed into the
+        # watched folder whole, so the source never reads it half-written
+        write_parquet_shards(
+            itertools.islice(iter_records("fashion-mnist", seed=4), 300), str(tmp_path / "more"), 300,
+            first_index=1,
+        )  # fmt: skip
+        (tmp_path / "more" / "00001.parquet").rename(shards / "00001.parquet")
         daemon.wait_for(lambda: (t := training(daemon)) and t["step"] >= step + 5, 180, "training to go on")
         assert training(daemon)["state"] == "running"  # type: ignore[index]
 
