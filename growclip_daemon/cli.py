@@ -8,15 +8,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
 
 from growclip_daemon.config import ConfigError, DaemonConfig, check_runtime, load_config
-
-if TYPE_CHECKING:
-    from growclip_stream.checkpoint import Checkpoint
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Online, self-growing CLIP training and serving."
@@ -145,7 +142,7 @@ def eval_(
 
     Exit code 1 when a suite could not be evaluated (its error is in the JSON), 2 for bad arguments.
     """
-    from growclip_stream.checkpoint import CheckpointError
+    from growclip_stream.checkpoint import CheckpointError, load_checkpoint
     from growclip_stream.data.records import RecordLimits
     from growclip_stream.evaluation import decode_suite, evaluate, read_suite
 
@@ -157,7 +154,7 @@ def eval_(
         raise typer.Exit(2)
     chosen = suite or [name for name, s in suites.items() if s.enabled]
     try:
-        ckpt = _load_checkpoint(checkpoint)
+        ckpt = load_checkpoint(checkpoint)
     except (CheckpointError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
@@ -184,20 +181,6 @@ def eval_(
     typer.echo(json.dumps(answer, indent=2))
     if errors:
         raise typer.Exit(1)
-
-
-def _load_checkpoint(url: str) -> Checkpoint:
-    """A checkpoint step folder (it holds manifest.json), or the newest one under a root."""
-    import fsspec
-
-    from growclip_stream.checkpoint import Checkpointer
-
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.exists(f"{path.rstrip('/')}/manifest.json"):
-        return Checkpointer(url).load(path.rstrip("/"))
-    if not fs.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {url}")
-    return Checkpointer(url).load()
 
 
 @app.command()

@@ -31,7 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from growclip_stream.checkpoint import Checkpoint, Checkpointer, CheckpointError
+from growclip_stream.checkpoint import Checkpoint, CheckpointError
+from growclip_stream.checkpoint import store as checkpoint_store
 from growclip_stream.data.images import MEAN, STD
 from growclip_stream.model import BOS_ID, EOS_ID, PAD_ID, ArchConfig, GrowCLIP
 from growclip_stream.model.clip import Block
@@ -86,12 +87,8 @@ def preprocessing_spec(arch: ArchConfig) -> dict[str, Any]:
 
 def load_checkpoint(url: str) -> Checkpoint:
     """One checkpoint folder (it holds manifest.json), or the newest checkpoint under a root."""
-    store = Checkpointer(url)
-    folder = store.root.rstrip("/")
     try:
-        if store.fs.exists(f"{folder}/manifest.json"):
-            return store.load(folder)
-        return store.load()
+        return checkpoint_store.load_checkpoint(url)
     except (CheckpointError, FileNotFoundError) as err:
         raise ExportError(f"no checkpoint at {url}: {err}") from err
 

@@ -28,6 +28,7 @@ from growclip_stream.checkpoint.store import (
     CheckpointFormatError,
     CheckpointStore,
     Saved,
+    load_checkpoint,
 )
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "TrainingState",
     "capture",
     "global_rng_state",
+    "load_checkpoint",
     "optimizer_tensors",
     "pack_strings",
     "python_rng_state",

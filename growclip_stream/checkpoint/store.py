@@ -410,6 +410,17 @@ class CheckpointStore:
 Checkpointer = CheckpointStore  # the name the daemon has used
 
 
+def load_checkpoint(url: str) -> Checkpoint:
+    """One checkpoint folder (it holds manifest.json), or the newest usable one under a root: what
+    the command line's ``--checkpoint`` accepts (``eval``, ``export``)."""
+    store = CheckpointStore(url)
+    if store.fs.exists(f"{store.root}/manifest.json"):
+        return store.load(store.root)
+    if not store.fs.exists(store.root):
+        raise FileNotFoundError(f"no checkpoint at {url}")
+    return store.load()
+
+
 def _generation(growth: Mapping[str, Any]) -> int:
     """Growths (and roll-backs) in a growth history; declined growths changed nothing."""
     return sum(
