@@ -56,6 +56,10 @@ class GrowthConfig:
     space: tuple[str, ...] = DEFAULT_SPACE  # operator templates candidates are built from
     max_ops_per_step: int = 2  # a candidate combines at most this many templates (different tower/kind)
     supernet_steps: int = 50  # supernet training steps per growth (0: score the inherited weights only)
+    # A search waits (its trigger stays armed) until its budget pays for at least this many supernet
+    # steps (at most supernet_steps) and scoring all selection_samples: a search too small to tell
+    # candidates apart only spends budget and declines.
+    min_supernet_steps: int = 10
     supernet_sample_k: int = 2  # random candidates per supernet step, besides the base and the largest
     # How the held-out scores pick the winner among the candidates that beat the base (growth.selection):
     # "gain" = largest paired gain, then the fewest added FLOPs among gains within noise of it;
@@ -117,6 +121,8 @@ class GrowthConfig:
             raise ValueError(f"max_ops_per_step must be an int >= 1, got {self.max_ops_per_step!r}")
         if not _is_int(self.supernet_steps) or self.supernet_steps < 0:
             raise ValueError(f"supernet_steps must be an int >= 0, got {self.supernet_steps!r}")
+        if not _is_int(self.min_supernet_steps) or self.min_supernet_steps < 0:
+            raise ValueError(f"min_supernet_steps must be an int >= 0, got {self.min_supernet_steps!r}")
         if not _is_int(self.supernet_sample_k) or self.supernet_sample_k < 0:
             raise ValueError(f"supernet_sample_k must be an int >= 0, got {self.supernet_sample_k!r}")
         if not _is_int(self.selection_samples) or self.selection_samples < 1:

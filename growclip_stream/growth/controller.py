@@ -181,6 +181,7 @@ class GrowthController:
         self.samples_at_last_growth = 0
         self.step_at_last_growth = 0
         self.last_refusal = ""  # why the last search returned no plan (for the caller's log)
+        self._costs: tuple[ArchConfig, list[Candidate], float, float] | None = None  # see _search_costs
         self._on_phase = on_phase or (lambda phase: None)
 
     @property
@@ -259,10 +260,11 @@ class GrowthController:
         in `train_batches`): it may raise to cancel the search.
 
         The search is sized to its budget (`search_budget_fraction` of all work so far, by FLOPs and
-        by wall time): whole held-out batches to score (one, then more while scoring stays within
-        half the allowance), then as many supernet steps as the rest allows, up to
-        `supernet_steps`. A forced growth (an operator's explicit request) is not bounded. The work
-        it did is added to the ledger.
+        by wall time): the held-out batches (up to `selection_samples`) are all scored, and the
+        supernet trains as many steps as the rest allows, up to `supernet_steps`; a budget short of
+        `min_supernet_steps` refuses (the caller should have waited: `search_wait`). A forced
+        growth (an operator's explicit request) is not bounded. The work it did is added to the
+        ledger.
         """
         self.last_refusal = ""
         if self.cfg.policy == "plan":
@@ -273,7 +275,7 @@ class GrowthController:
                 return None
             return GrowthPlan(trigger=trigger, choice=choice, base_arch=model.arch)
         holdout_batches = _bounded(holdout_batches, self.cfg.selection_samples)
-        candidates = candidate_set(model.arch, self.cfg)
+        candidates = list(self._search_costs(model.arch)[0])
         if not holdout_batches or not candidates:
             self.last_refusal = (
                 "no held-out data yet" if not holdout_batches else "no candidate fits the bounds"
@@ -284,7 +286,7 @@ class GrowthController:
             self.last_refusal = "no training data for the supernet"
             return None
         train_batches = itertools.chain([first], train_batches)
-        sizing = self._size_search(model.arch, candidates, holdout_batches, len(first), trigger == "forced")
+        sizing = self._size_search(model.arch, holdout_batches, len(first), trigger == "forced")
         if sizing is None:
             return None
         holdout_batches, steps, deadline, budget = sizing
@@ -313,7 +315,9 @@ class GrowthController:
         phases["selection_s"] = time.perf_counter() - start
         scored = sum(len(b) for b in holdout_batches)
         scoring_flops = float(scored * (model.arch.flops_per_sample() + sum(c.flops for c in candidates)))
-        self.work.add_growth(phases["supernet_s"] + phases["selection_s"], supernet.flops + scoring_flops)
+        self.work.add_growth(
+            phases["supernet_s"] + phases["selection_s"], supernet.flops + scoring_flops, search=True
+        )
         considered = [s.to_dict() for s in scores] + rejected_candidates(model.arch, self.cfg)
         stats = {
             **stats, "params": supernet.arch.num_params(), "ops": [str(o) for o in supernet.ops],
@@ -334,48 +338,88 @@ class GrowthController:
             declined=winner is None,
         )
 
+    def _search_costs(self, arch: ArchConfig) -> tuple[list[Candidate], float, float]:
+        """(candidates, FLOPs to score one held-out sample on the base and every candidate, FLOPs
+        of one supernet sample: the base, the largest and `supernet_sample_k` candidates, forward
+        and backward), cached per architecture: asked at every step while a search waits."""
+        if self._costs is None or self._costs[0] != arch:
+            candidates = candidate_set(arch, self.cfg)
+            per_sample = float(arch.flops_per_sample() + sum(c.flops for c in candidates))
+            members = 0.0
+            if candidates:
+                full = make_candidate(arch, union_ops(candidates)).flops
+                mean_cand = sum(c.flops for c in candidates) / len(candidates)
+                k = min(self.cfg.supernet_sample_k, len(candidates))
+                members = float(TRAIN_FLOPS_FACTOR * (arch.flops_per_sample() + full + k * mean_cand))
+            self._costs = (arch, candidates, per_sample, members)
+        return self._costs[1], self._costs[2], self._costs[3]
+
+    def search_wait(self, arch: ArchConfig, batch_size: int) -> str:
+        """Why a search due now must wait for its budget ("" when it may run now).
+
+        The smallest search worth running scores `selection_samples` held-out samples and trains
+        the supernet `min_supernet_steps` steps; until the budget (by FLOPs, and by wall time at the
+        searches' measured pace) pays for that, the trigger stays armed and training goes on.
+        """
+        if self.cfg.policy != "search":
+            return ""
+        candidates, per_sample, sample_flops = self._search_costs(arch)
+        if not candidates:
+            return ""  # the search itself refuses, with its reason
+        min_steps = min(self.cfg.min_supernet_steps, self.cfg.supernet_steps)
+        need = self.cfg.selection_samples * per_sample + min_steps * batch_size * sample_flops
+        allow_flops, allow_s = self.work.allowance(self.cfg.search_budget_fraction)
+        pace = self.work.search_seconds_per_flop()
+        need_s = need * pace if pace is not None else math.inf
+        if need <= allow_flops and need_s <= allow_s:
+            return ""
+        return (
+            f"search budget: a search of {min_steps} supernet steps and "
+            f"{self.cfg.selection_samples} scored samples needs {need:.3g} FLOPs (~{need_s:.1f} s); "
+            f"{allow_flops:.3g} FLOPs and {allow_s:.1f} s are left within search_budget_fraction "
+            f"{self.cfg.search_budget_fraction}"
+        )
+
     def _size_search(
-        self, arch: ArchConfig, candidates: Sequence[Candidate], holdout: list[Batch], batch_size: int,
-        forced: bool,
-    ) -> tuple[list[Batch], int, float | None, dict[str, Any]] | None:  # fmt: skip
-        """(held-out batches to score, supernet steps, wall-time deadline, figures) within the budget."""
+        self, arch: ArchConfig, holdout: list[Batch], batch_size: int, forced: bool
+    ) -> tuple[list[Batch], int, float | None, dict[str, Any]] | None:
+        """(held-out batches to score, supernet steps, wall-time deadline, figures) within the budget.
+
+        Every held-out batch (up to `selection_samples`) is scored; the supernet gets as many steps
+        as the rest of the allowance pays for, by FLOPs and by wall time at the searches' pace, up
+        to `supernet_steps`; fewer than `min_supernet_steps` refuses the search.
+        """
         allow_flops, allow_s = (
             (math.inf, math.inf) if forced else self.work.allowance(self.cfg.search_budget_fraction)
         )
-        per_sample = float(arch.flops_per_sample() + sum(c.flops for c in candidates))  # base + candidates
-        full = make_candidate(arch, union_ops(candidates)).flops
-        mean_cand = sum(c.flops for c in candidates) / len(candidates)
-        members = (
-            arch.flops_per_sample() + full + min(self.cfg.supernet_sample_k, len(candidates)) * mean_cand
-        )
-        step_flops = float(TRAIN_FLOPS_FACTOR * batch_size * members)
-        kept: list[Batch] = []
-        for batch in holdout:  # whole batches: the first if the budget pays for it, more within half
-            limit = allow_flops / 2 if kept else allow_flops  # the rest trains the supernet
-            if (sum(len(b) for b in kept) + len(batch)) * per_sample > limit:
-                break
-            kept.append(batch)
-        scoring = sum(len(b) for b in kept) * per_sample
-        steps = self.cfg.supernet_steps if kept else 0
-        if kept and math.isfinite(allow_flops):
-            steps = min(steps, int((allow_flops - scoring) // step_flops))
+        _, per_sample, sample_flops = self._search_costs(arch)
+        step_flops = batch_size * sample_flops
+        scored = sum(len(b) for b in holdout)
+        scoring = scored * per_sample
+        pace = self.work.search_seconds_per_flop()
+        # what the wall-time allowance pays for, in FLOPs at the searches' pace
+        wall_flops = allow_s / pace if pace is not None and math.isfinite(allow_s) else math.inf
+        affordable = min(allow_flops, wall_flops) - scoring
+        steps = self.cfg.supernet_steps
+        if math.isfinite(affordable):
+            steps = min(steps, int(affordable // step_flops)) if affordable >= 0 else -1
         figures = {
             "forced": forced, "allowance_flops": _finite_or_none(allow_flops),
-            "allowance_s": _finite_or_none(allow_s), "planned_steps": steps,
-            "scored_samples": sum(len(b) for b in kept),
+            "allowance_s": _finite_or_none(allow_s), "planned_steps": max(steps, 0), "scored_samples": scored,
         }  # fmt: skip
-        if not kept or (self.cfg.supernet_steps > 0 and steps == 0):
+        min_steps = min(self.cfg.min_supernet_steps, self.cfg.supernet_steps)
+        if steps < min_steps:
             self.last_refusal = (
-                f"search budget: {allow_flops:.3g} FLOPs left of search_budget_fraction "
-                f"{self.cfg.search_budget_fraction}, too little for a supernet step and one held-out batch"
+                f"search budget: {allow_flops:.3g} FLOPs and {allow_s:.3g} s left of search_budget_fraction "
+                f"{self.cfg.search_budget_fraction}, too little for {min_steps} supernet "
+                f"steps and {scored} scored samples"
             )
             return None
         deadline = None
-        pace = self.work.seconds_per_flop()
         if math.isfinite(allow_s):
             reserve = scoring * pace if pace is not None else 0.0
             deadline = time.perf_counter() + max(0.0, allow_s - reserve)
-        return kept, steps, deadline, figures
+        return holdout, steps, deadline, figures
 
     # -- phase 2: inherit --------------------------------------------------------------------
     def inherit(self, plan: GrowthPlan, model: GrowCLIP) -> GrowCLIP:

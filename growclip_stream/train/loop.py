@@ -176,6 +176,7 @@ class OnlineLoop:
         self._guard: GrowthGuard | None = None  # the base model trained beside a fresh growth
         self._tick: Callable[[], None] | None = None
         self._wait_since = time.perf_counter()
+        self.budget_wait = ""  # why a due growth search is waiting for its budget ("" when none is)
 
     # -- control, callable from any thread -------------------------------------------------
     def request_grow(self) -> None:
@@ -378,10 +379,20 @@ class OnlineLoop:
                 step=self.trainer.step,
                 num_params=self.trainer.model.arch.num_params(),
             )
+        if trigger is not None and self._budget_wait(trigger):
+            trigger = None
         if trigger is not None:
             self.grow_now(trigger)
         elif stats.step % self.cfg.publish_every_steps == 0:
             self.publish_now()
+
+    def _budget_wait(self, trigger: str) -> bool:
+        """True while a due search waits for its budget (logged once per wait; the trigger stays armed)."""
+        why = self.growth.search_wait(self.trainer.model.arch, self.trainer.cfg.batch_size)
+        if why and not self.budget_wait:
+            log.info("growth due, waiting for search budget", extra={"trigger": trigger, "why": why})
+        self.budget_wait = why
+        return bool(why)
 
     def holdout_batches(self) -> list[Batch]:
         return list(full_batches(self.holdout.samples, self.cfg.eval_batch_size, self.tokenizer))

@@ -137,6 +137,38 @@ def test_forced_growth_with_search(broker: str, topic: str, beside: bool) -> Non
     source.close()
 
 
+def test_a_due_search_waits_for_its_budget_while_training_goes_on(broker: str, topic: str) -> None:
+    """The data-volume trigger fires long before half the work pays for a useful search: the
+    loop keeps training (saying why it waits) and searches once the budget pays for one."""
+    torch.manual_seed(0)
+    produce(broker, topic, iter_records("fashion-mnist", seed=2), limit=3000)
+    cfg = GrowthConfig(
+        samples_per_param=0, min_interval_samples=64, plateau_enabled=False,
+        space=("deepen:image+1", "widen_mlp:text+16"), max_ops_per_step=1, supernet_steps=10,
+        min_supernet_steps=10, selection_samples=32, search_budget_fraction=0.5,
+        decline_z=0.0, min_gain=0.0, guard_steps=0,
+    )  # fmt: skip
+    loop, rec, source = build(broker, topic, cfg)
+    waited_at: list[int] = []
+
+    def searched() -> bool:
+        if loop.budget_wait:
+            assert loop.budget_wait.startswith("search budget")
+            waited_at.append(loop.trainer.step)
+        return bool(rec.growths)
+
+    run_until(loop, searched, timeout_s=180)
+    event = rec.growths[0]
+    assert event.trigger == "data_volume" and waited_at, "the trigger fired before the budget paid"
+    assert waited_at[-1] < event.step, "it trained while it waited"
+    budget = event.supernet["budget"]
+    assert budget["planned_steps"] == 10 and budget["scored_samples"] >= 16
+    assert event.work["fractions"]["flops"] <= 0.5 + 1e-9
+    loop.finish()
+    loop.pipeline.close()
+    source.close()
+
+
 def test_resumed_positions_are_what_the_next_checkpoint_records(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A run resumed from a checkpoint and stopped before new data arrives settles at the resumed
     positions, not at those the source had before they were loaded."""

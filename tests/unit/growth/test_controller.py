@@ -150,29 +150,60 @@ def test_growth_is_declined_when_no_candidate_can_help() -> None:
     assert restored.history == ctrl.history and restored.generation == 0
 
 
-def test_search_stays_within_its_budget() -> None:
-    """The supernet steps and scored samples are sized so growth work stays within
-    search_budget_fraction of all work; with no training counted yet there is no budget at all."""
+def test_search_waits_for_a_budget_that_pays_for_a_useful_search_and_stays_within_it() -> None:
+    """A due search waits (search_wait says why) until search_budget_fraction of the work so far
+    pays for min_supernet_steps supernet steps and every held-out sample; then it runs within it."""
     cfg = GrowthConfig(
         space=("deepen:image+1", "deepen:text+1"), max_ops_per_step=1, supernet_steps=1000,
-        search_budget_fraction=0.1, decline_z=0.0, min_gain=0.0,
+        min_supernet_steps=5, search_budget_fraction=0.1, decline_z=0.0, min_gain=0.0,
+        selection_samples=32,
     )  # fmt: skip
     ctrl = GrowthController(cfg, TrainConfig(batch_size=8))
     model = random_model(tiny_arch())
-    hold = random_batches(model.arch, 4, seed=9)
+    hold = random_batches(model.arch, 4, seed=9)  # 4 batches of 8 = selection_samples
+    assert ctrl.search_wait(model.arch, 8).startswith("search budget")
     assert (
         ctrl.search(model, trigger="volume", train_batches=itertools.cycle(hold), holdout_batches=hold)
         is None
     )
     assert ctrl.last_refusal.startswith("search budget")
-    for _ in range(300):  # 300 training steps of 8 samples, counted
-        ctrl.observe_step(model, 1.0, samples=8, seconds=0.05)
+    steps = 0
+    while ctrl.search_wait(model.arch, 8):  # training steps of 8 samples, counted
+        ctrl.observe_step(model, 1.0, samples=8, seconds=1.0)  # wall time: not the binding limit
+        steps += 1
+    assert steps > 1, "a single training step cannot pay for a useful search"
     plan = ctrl.search(model, trigger="volume", train_batches=itertools.cycle(hold), holdout_batches=hold)
     assert plan is not None
     budget = plan.supernet_stats["budget"]
-    assert 0 < plan.supernet_stats["steps"] <= budget["planned_steps"] < 1000
+    assert cfg.min_supernet_steps <= plan.supernet_stats["steps"] <= budget["planned_steps"] < 1000
+    assert budget["scored_samples"] == 32
     assert ctrl.work.fractions()["flops"] <= 0.1 + 1e-9
-    assert budget["search_flops"] == ctrl.work.growth_flops
+    assert budget["search_flops"] == ctrl.work.growth_flops == ctrl.work.search_flops
+    assert ctrl.search_wait(model.arch, 8), "the budget was spent: the next search waits again"
+
+
+def test_a_search_is_sized_in_wall_time_at_the_searches_own_pace() -> None:
+    """FLOPs are not seconds: when past searches ran slower per FLOP than training, a search the
+    FLOPs allowance pays for still waits until the wall-time allowance pays for it too."""
+    cfg = GrowthConfig(
+        space=("deepen:image+1", "deepen:text+1"), max_ops_per_step=1, supernet_steps=1000,
+        min_supernet_steps=5, search_budget_fraction=0.1, selection_samples=32,
+    )  # fmt: skip
+    ctrl = GrowthController(cfg, TrainConfig(batch_size=8))
+    model = random_model(tiny_arch())
+    while ctrl.search_wait(model.arch, 8):
+        ctrl.observe_step(model, 1.0, samples=8, seconds=1.0)  # wall time: not the binding limit
+    pace = ctrl.work.seconds_per_flop()
+    assert pace is not None
+    ctrl.work.add_growth(seconds=100 * pace * 1e3, flops=1e3, search=True)  # 100x training's pace
+    why = ctrl.search_wait(model.arch, 8)
+    allow_flops, allow_s = ctrl.work.allowance(0.1)
+    assert why.startswith("search budget") and allow_flops > 0 and allow_s > 0
+    while ctrl.search_wait(model.arch, 8):
+        ctrl.observe_step(model, 1.0, samples=8, seconds=1.0)  # until the wall-time allowance pays
+    hold = random_batches(model.arch, 4, seed=9)
+    plan = ctrl.search(model, trigger="volume", train_batches=itertools.cycle(hold), holdout_batches=hold)
+    assert plan is not None and plan.supernet_stats["steps"] >= cfg.min_supernet_steps
 
 
 def test_plateau_trigger_fires_through_the_controller() -> None:
