@@ -55,12 +55,12 @@ import torch
 
 from growclip_stream.growth.layout import axes
 from growclip_stream.model.clip import (
-    INIT_STD,
     TOWER_NAMES,
     ArchConfig,
     Block,
     GrowCLIP,
     TowerName,
+    fan_in_std,
     init_weights,
 )
 
@@ -225,8 +225,9 @@ def _widen_mlp(
                 continue
             shape = list(t.shape)
             shape[ax.dim] = n
-            if not stats and any(a.role == "in" for a in layout):  # the unit's fan-in
-                new = torch.randn(shape, generator=gen, device=_gen_device(gen)) * INIT_STD
+            fan_in = next((t.shape[a.dim] for a in layout if a.role == "in"), None)
+            if not stats and fan_in is not None:  # the unit's input weights: the model's init scale
+                new = torch.randn(shape, generator=gen, device=_gen_device(gen)) * fan_in_std(fan_in)
                 new = new.to(t)
             else:
                 new = t.new_zeros(shape)

@@ -31,7 +31,7 @@ TOWER_NAMES: tuple[TowerName, ...] = ("image", "text", "shared")
 # Initialisation (OpenCLIP's scheme, fan-in scaled): a fixed std such as 0.02 for every matrix is
 # tiny at widths like 32, where AdamW's first steps (each ~lr per weight) then rewrite the weights
 # relative to their size and learning is slow and seed-dependent (bench/README.md, "Learning").
-INIT_STD = 0.02  # token embeddings; also the fan-in of new MLP units in growth
+INIT_STD = 0.02  # token embeddings
 TEXT_POS_STD = 0.01  # text positional embedding
 
 

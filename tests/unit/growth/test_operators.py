@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from growclip_stream.growth.operators import GrowthOp, apply_op, apply_ops, grow_arch
-from growclip_stream.model import ArchConfig, ByteTokenizer, ClipLoss, GrowCLIP
+from growclip_stream.model import ArchConfig, ByteTokenizer, ClipLoss, GrowCLIP, TowerConfig
 from tests.helpers import operator_arch as base_arch
 from tests.helpers import random_model
 
@@ -233,3 +233,21 @@ def test_grow_arch_is_pure() -> None:
     assert grow_arch(arch, GrowthOp.parse("widen:image*2")).image.width == 32
     assert grow_arch(arch, GrowthOp.parse("widen_mlp:text+8")).text.mlp_hidden == 32
     assert arch == base_arch(0)
+
+
+def test_new_mlp_units_read_the_residual_at_the_models_init_scale() -> None:
+    """A new MLP unit's input weights are drawn at the fan-in scale the model itself is initialised
+    with (std width^-0.5), not a fixed 0.02 that is ~10x too small at width 64 and leaves the new
+    units almost silent for their first steps."""
+    arch = ArchConfig(
+        image=TowerConfig(64, 2, 64, head_dim=16), text=TowerConfig(64, 2, 64, head_dim=16),
+        shared=TowerConfig(64, 0, 64, head_dim=16), embed_dim=32,
+    )  # fmt: skip
+    model = random_model(arch)
+    grown = apply_op(model, GrowthOp.parse("widen_mlp:image+256"), torch.Generator().manual_seed(0))
+    for block in grown.image.blocks:
+        new_in = block.mlp.fc1.weight[64:]  # (new units, width)
+        assert new_in.shape == (256, 64)
+        assert abs(new_in.std().item() - 64**-0.5) < 0.1 * 64**-0.5
+        assert block.mlp.fc2.weight[:, 64:].abs().max() == 0  # they write nothing yet
+    assert_same_function(model, grown)
