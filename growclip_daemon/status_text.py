@@ -53,6 +53,8 @@ def render_status(s: Mapping[str, Any]) -> str:
             text += f", held-out loss {_num(t['holdout_loss'])}"
         if t.get("growth_search_running"):
             text += ", growth search running"
+        elif t.get("growth_waiting_for_budget"):
+            text += ", growth due (waiting for its search budget)"
         lines.append(_section("training", text))
         if t.get("last_checkpoint"):
             lines.append(_section("checkpoint", str(t["last_checkpoint"])))

@@ -223,6 +223,8 @@ class TrainingService(ThreadService):
                 "replay_samples": len(loop.replay),
                 "growth_search_running": loop.searching,
                 "growth_guard_running": loop.guarding,
+                # why a due growth search waits for its budget (null when none waits)
+                "growth_waiting_for_budget": loop.budget_wait or None,
                 "last_checkpoint": self.durability.last_path if self.durability else None,
             },
             "source": {
