@@ -163,7 +163,11 @@ class EmbeddedBroker:
         while True:
             code = proc.poll()
             if code is not None:
-                hint = " (port already in use?)" if code == 0 or "AddrInUse" in self._log_tail() else ""
+                in_use = code == 0 or "AddrInUse" in self._log_tail()
+                # whichever comes first, tansu's exit or another broker's answer, says the same
+                if in_use and (other := _probe_cluster_id(self.host, self.port)) is not None:
+                    raise self._held_by(other)
+                hint = " (port already in use?)" if in_use else ""
                 raise RuntimeError(
                     f"tansu exited with status {code} before it was ready on {self.host}:{self.port}{hint}; "
                     f"log tail:\n{self._log_tail()}"
@@ -174,16 +178,19 @@ class EmbeddedBroker:
             if answered is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=2)  # it fails to bind; let its error reach the log
-                raise RuntimeError(
-                    f"port {self.host}:{self.port} is already in use by another Kafka broker "
-                    f"(cluster id {answered!r}); log tail:\n{self._log_tail()}"
-                )
+                raise self._held_by(answered)
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"tansu did not become ready on {self.host}:{self.port} within {timeout_s} s; "
                     f"log tail:\n{self._log_tail()}"
                 )
             time.sleep(0.05)
+
+    def _held_by(self, cluster_id: str) -> RuntimeError:
+        return RuntimeError(
+            f"port {self.host}:{self.port} is already in use by another Kafka broker "
+            f"(cluster id {cluster_id!r}); log tail:\n{self._log_tail()}"
+        )
 
     def stop(self) -> None:
         """SIGINT, then SIGKILL after a grace period; idempotent."""

@@ -97,6 +97,16 @@ def test_port_held_by_another_broker_fails_clearly(broker: str) -> None:
     assert set(tansu_children()) == before
 
 
+def test_a_broker_that_exits_before_the_first_probe_still_names_the_other_broker(broker: str) -> None:
+    """On a loaded machine tansu can fail to bind and exit before the first probe reaches the
+    broker holding the port: the error must still say another Kafka broker holds it."""
+    port = int(broker.rsplit(":", 1)[1])
+    exited = subprocess.Popen(["true"])  # tansu exits with status 0 when its port is taken
+    exited.wait()
+    with pytest.raises(RuntimeError, match="already in use by another Kafka broker"):
+        EmbeddedBroker(port=port)._wait_ready(exited, timeout_s=15)
+
+
 def test_broker_that_exits_at_start_fails_with_its_log() -> None:
     before = set(tansu_children())
     with pytest.raises(RuntimeError, match="tansu exited") as err:
