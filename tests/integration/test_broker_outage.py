@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +57,23 @@ def message_ids(msgs: list[Message]) -> list[str]:
     return [decode_message(m.value, m.headers, LIMITS).id for m in msgs]
 
 
-def poll_until(src: KafkaSource, want: set[str], timeout_s: float) -> list[Message]:
-    """Polls until every id in ``want`` arrived (fails on timeout)."""
+def poll_until(
+    src: KafkaSource, want: set[str], timeout_s: float, in_topic: Callable[[], set[str]] | None = None
+) -> list[Message]:
+    """Polls until every id in ``want`` arrived (fails on timeout, naming the missing ids and,
+    with ``in_topic``, whether the topic holds them: the consumer skipped them or the broker lost them)."""
     out: list[Message] = []
     seen: set[str] = set()
     deadline = time.monotonic() + timeout_s
     while not want <= seen:
-        assert time.monotonic() < deadline, f"{len(want - seen)} of {len(want)} records missing"
+        if time.monotonic() >= deadline:
+            missing = sorted(want - seen)
+            where = ""
+            if in_topic is not None:
+                stored = in_topic()
+                kept, lost = sorted(set(missing) & stored), sorted(set(missing) - stored)
+                where = f"; in the topic: {kept[:10]}, not in it: {lost[:10]}"
+            raise AssertionError(f"{len(missing)} of {len(want)} records missing: {missing[:10]}{where}")
         msgs = src.poll(0.5)
         out += msgs
         seen.update(message_ids(msgs))
@@ -241,7 +251,10 @@ def test_source_resumes_by_itself_after_a_broker_restart(tmp_path: Path, s3_stor
 
         want = {*(f"pre-{i:05d}" for i in range(300)), *(f"post-{i:05d}" for i in range(200))}
         want |= {f"live-{i:05d}" for i in range(live["sent"])}
-        consumed += poll_until(src, want - set(message_ids(consumed)), timeout_s=60)
+        consumed += poll_until(
+            src, want - set(message_ids(consumed)), timeout_s=60,
+            in_topic=lambda: set(message_ids(read_topic(bootstrap, topic, expect=len(want), timeout_s=30))),
+        )  # fmt: skip
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
             consumed += src.poll(0.2)
