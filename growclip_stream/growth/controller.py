@@ -340,17 +340,18 @@ class GrowthController:
 
     def _search_costs(self, arch: ArchConfig) -> tuple[list[Candidate], float, float]:
         """(candidates, FLOPs to score one held-out sample on the base and every candidate, FLOPs
-        of one supernet sample: the base, the largest and `supernet_sample_k` candidates, forward
-        and backward), cached per architecture: asked at every step while a search waits."""
+        of one supernet sample at most: the base, the whole supernet and `supernet_sample_k`
+        candidates, forward and backward), cached per architecture: asked at every step while a
+        search waits."""
         if self._costs is None or self._costs[0] != arch:
             candidates = candidate_set(arch, self.cfg)
             per_sample = float(arch.flops_per_sample() + sum(c.flops for c in candidates))
             members = 0.0
             if candidates:
                 full = make_candidate(arch, union_ops(candidates)).flops
-                mean_cand = sum(c.flops for c in candidates) / len(candidates)
+                largest = max(c.flops for c in candidates)  # the random draws, counted at their dearest
                 k = min(self.cfg.supernet_sample_k, len(candidates))
-                members = float(TRAIN_FLOPS_FACTOR * (arch.flops_per_sample() + full + k * mean_cand))
+                members = float(TRAIN_FLOPS_FACTOR * (arch.flops_per_sample() + full + k * largest))
             self._costs = (arch, candidates, per_sample, members)
         return self._costs[1], self._costs[2], self._costs[3]
 
