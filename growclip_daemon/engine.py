@@ -19,6 +19,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,6 +244,8 @@ class Daemon:
             return ExitCode.ALREADY_RUNNING
         try:
             self.cfg.pidfile.write_text(str(os.getpid()))
+            if self.cfg.serve.gil_switch_interval_ms is not None:
+                sys.setswitchinterval(self.cfg.serve.gil_switch_interval_ms / 1000)
             try:
                 self.tree.start()
                 # Everything allocated at start-up (modules, datasets, the first model) lives as long

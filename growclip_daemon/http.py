@@ -33,6 +33,7 @@ import hmac
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
@@ -463,6 +464,7 @@ def build_app(state: AppState) -> FastAPI:
             "batching": limits.batch.batching,
             "max_batch_items": limits.batch.max_batch_items,
             "queued_items": {"text": text_batcher.queued_items, "image": image_batcher.queued_items},
+            "gil_switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),  # see serve.* of that name
         }
         if state.drift_status is not None:
             try:

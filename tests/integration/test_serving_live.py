@@ -55,6 +55,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
             "serve.queue_max_items=256",
             "serve.queue_timeout_s=5",
             "serve.drift_interval_s=5",
+            "serve.gil_switch_interval_ms=1.5",
             "log_format=json",
             config=ROOT / "configs" / "demo.yaml",
         )
@@ -69,6 +70,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     finally:
         code = d.stop()
         assert code == 0, d.log_tail()
+
+
+def test_the_configured_gil_switch_interval_is_the_processs(daemon: Daemon) -> None:
+    assert daemon.get("/v1/model")["serving"]["gil_switch_interval_ms"] == 1.5
 
 
 @pytest.mark.slow
