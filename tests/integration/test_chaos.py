@@ -132,6 +132,7 @@ def test_sigkill_at_any_moment_loses_nothing_and_trains_nothing_twice(
         "growth.min_interval_samples=160",
         "growth.plateau_enabled=false",
         "growth.supernet_steps=8",
+        "growth.min_supernet_steps=1",  # search as soon as the little data here pays for one step
         "growth.max_ops_per_step=1",  # few candidates: a search takes seconds, not minutes
         "growth.selection_samples=32",
         "growth.max_growths=1",  # a search killed before its growth is checkpointed comes back
