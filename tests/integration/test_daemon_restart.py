@@ -30,7 +30,11 @@ def start(tmp: Path, broker: str, topic: str, *extra: str) -> Daemon:
         "growth.supernet_steps=5",
         "growth.decline_z=0",
         "growth.min_gain=0",
-        "growth.search_budget_fraction=0.5",
+        # a small search the first 1,500 records pay for before the trigger fires (the search waits
+        # for its budget: the default space, scored on 256 samples, would need ~150 steps at 0.5)
+        "growth.max_ops_per_step=1",
+        "growth.selection_samples=32",
+        "growth.search_budget_fraction=0.8",
         "growth.guard_steps=0",
         *extra,
     )
