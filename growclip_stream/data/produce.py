@@ -24,6 +24,7 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import (
     AuthorizationError,
     InvalidTopicError,
+    KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # above any record we accept, so oversized ones reach the dead letter
 _ADMIN_TIMEOUT_MS = 10_000
+_ADMIN_ATTEMPTS = 4  # ensure_topics: tries of a dropped connection, 0.5, 1 and 2 s apart
 _STOP_GRACE_S = 10.0  # after `stop`, how long produce() still tries to deliver what it already sent
 
 # The broker (or the client, before sending) refuses these records for what they are; sending them
@@ -87,13 +89,36 @@ def ensure_topics(
     """Creates the topics that do not exist yet, and waits until all are usable. Idempotent.
 
     Topics are pre-created rather than left to the broker's auto-create, which can reuse offsets
-    (DESIGN §6). An existing topic keeps its partition count.
+    (DESIGN §6). An existing topic keeps its partition count. A connection dropped mid-request
+    (a loaded broker or proxy, a restart) is retried with a fresh client, a few times with backoff:
+    one dropped connection must not fail a daemon's start.
     """
     if partitions < 1:
         raise ValueError(f"partitions must be >= 1, got {partitions}")
     names = list(dict.fromkeys(topics))
     if not names:
         return
+    for attempt in range(1, _ADMIN_ATTEMPTS + 1):
+        try:
+            created = _create_topics(bootstrap, names, partitions, security)
+            break
+        except (KafkaConnectionError, KafkaTimeoutError) as err:
+            if attempt == _ADMIN_ATTEMPTS:
+                raise
+            delay = 0.5 * 2 ** (attempt - 1)
+            log.warning(
+                "creating topics failed; retrying",
+                extra={"topics": names, "error": repr(err), "attempt": attempt, "retry_in_s": delay},
+            )
+            time.sleep(delay)
+    if created:
+        log.info("created topics", extra={"topics": created, "partitions": partitions})
+
+
+def _create_topics(
+    bootstrap: str, names: list[str], partitions: int, security: Mapping[str, Any] | None
+) -> list[str]:
+    """One attempt of :func:`ensure_topics`: the names it created."""
     admin = KafkaAdminClient(
         bootstrap_servers=bootstrap, request_timeout_ms=_ADMIN_TIMEOUT_MS, **(security or {})
     )
@@ -111,10 +136,9 @@ def ensure_topics(
             elif code != TopicAlreadyExistsError.errno:
                 raise KafkaError(f"creating topic {entry['name']!r} failed: {code} {entry['error_message']}")
         admin.wait_for_topics(names, timeout_ms=_ADMIN_TIMEOUT_MS)
+        return created
     finally:
         admin.close()
-    if created:
-        log.info("created topics", extra={"topics": created, "partitions": partitions})
 
 
 def broker_reachable(bootstrap: str, timeout_s: float = 0.25) -> bool:
