@@ -61,9 +61,9 @@ def zero_shot_over_http(
     return float(((img @ text.T).argmax(axis=1) == labels).mean())
 
 
-def _metric(text: str, name: str, labels: str) -> float | None:
+def _metric(text: str, name: str, labels: str = "") -> float | None:
     for line in text.splitlines():
-        if line.startswith(f"{name}{{") and labels in line:
+        if (line.startswith(f"{name}{{") and labels in line) or (not labels and line.startswith(f"{name} ")):
             return float(line.rsplit(" ", 1)[1])
     return None
 
@@ -141,6 +141,8 @@ def main() -> None:
             basis: _metric(metrics, "growclip_growth_search_fraction", f'basis="{basis}"')
             for basis in ("wall", "flops")
         }
+        growth_seconds = _metric(metrics, "growclip_growth_search_seconds")  # searches and guards
+        run_seconds = time.monotonic() - start
         curl = client.post(
             "/v1/embeddings", json={"input": ["a photo of a sneaker", "a grey ankle boot on white"]}
         )
@@ -180,7 +182,11 @@ def main() -> None:
         "growths": growths_seen,
         "zero_shot_top1_over_http": zero_shot,
         "zero_shot_images": len(test_images),
+        # the budget's own measure: growth work against training steps' work (search_budget_fraction)
         "search_share": search_share,
+        # growth's seconds against the whole run (the trainer also waits for data, publishes, ...)
+        "growth_seconds": growth_seconds,
+        "growth_share_of_run": round(growth_seconds / run_seconds, 4) if growth_seconds is not None else None,
         "growth_events": events,
         "curl_status": curl.status_code,
         "curl_model": curl.json().get("model"),
