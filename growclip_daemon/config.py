@@ -112,9 +112,9 @@ class ServeSettings(Strict):
     queue_timeout_s: float = Field(10.0, gt=0)  # a request that would wait longer gets 503
     batch_threads: int = Field(1, ge=1)  # intra-op threads of each batcher (text, image)
     # How long a thread may hold the GIL before another that waits for it gets a turn (Python's
-    # sys.setswitchinterval, 5 ms by default). The trainer holds the GIL between its kernels; the
-    # HTTP event loop needs it several times per request, so a shorter interval serves faster on a
-    # busy machine at some cost to training (bench/README.md, "GIL switch interval"). None = Python's.
+    # sys.setswitchinterval, 5 ms by default). The trainer holds the GIL between its kernels and the
+    # HTTP loop needs it several times per request; on 2 cores 1 and 0.5 ms measured no gain
+    # (bench/README.md, "GIL switch interval"), so None (Python's) is the default.
     gil_switch_interval_ms: float | None = Field(None, gt=0)
     keep_versions: int = Field(2, ge=1)  # model generations held for pinning (growclip@N), current included
     # embedding drift: this many reserved test images and captions of drift_probe_dataset are
