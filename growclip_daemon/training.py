@@ -221,6 +221,7 @@ class TrainingService(ThreadService):
                 "held_out_records": len(loop.holdout),
                 "holdout_loss": loop.last_eval_loss,
                 "replay_samples": len(loop.replay),
+                "recent_samples": len(loop.recent),  # what the next growth search trains its supernet on
                 "growth_search_running": loop.searching,
                 "growth_guard_running": loop.guarding,
                 # why a due growth search waits for its budget (null when none waits)

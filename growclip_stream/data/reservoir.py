@@ -28,7 +28,29 @@ from growclip_stream.checkpoint.state import (
 )
 from growclip_stream.data.pipeline import Sample
 
-__all__ = ["Reservoir"]
+__all__ = ["Reservoir", "samples_from_state", "samples_state"]
+
+
+def samples_state(samples: list[Sample]) -> dict[str, Any]:
+    """Samples as tensors for a checkpoint: pixels stacked, ids and captions packed (empty: {})."""
+    if not samples:
+        return {}
+    return {
+        "images": torch.stack([s.image for s in samples]),
+        "ids": pack_strings([s.id for s in samples]),
+        "captions": pack_strings([s.caption for s in samples]),
+    }
+
+
+def samples_from_state(state: Mapping[str, Any]) -> list[Sample]:
+    """The samples of a :func:`samples_state`."""
+    if "images" not in state:
+        return []
+    images = state["images"]
+    ids, captions = unpack_strings(state["ids"]), unpack_strings(state["captions"])
+    if not (len(images) == len(ids) == len(captions)):
+        raise ValueError("samples state: images, ids and captions differ in length")
+    return [Sample(i, images[k], c) for k, (i, c) in enumerate(zip(ids, captions, strict=True))]
 
 
 class Reservoir:
@@ -62,22 +84,11 @@ class Reservoir:
 
     def state_dict(self) -> dict[str, Any]:
         """Kept samples as tensors (pixels stacked, ids and captions packed), ``seen`` and the RNG."""
-        state: dict[str, Any] = {"seen": self.seen, "rng": python_rng_state(self._rng)}
-        if self.samples:
-            state["images"] = torch.stack([s.image for s in self.samples])
-            state["ids"] = pack_strings([s.id for s in self.samples])
-            state["captions"] = pack_strings([s.caption for s in self.samples])
-        return state
+        return {"seen": self.seen, "rng": python_rng_state(self._rng), **samples_state(self.samples)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; a smaller capacity keeps the first ``capacity`` samples."""
-        samples: list[Sample] = []
-        if "images" in state:
-            images = state["images"]
-            ids, captions = unpack_strings(state["ids"]), unpack_strings(state["captions"])
-            if not (len(images) == len(ids) == len(captions)):
-                raise ValueError("reservoir state: images, ids and captions differ in length")
-            samples = [Sample(i, images[k], c) for k, (i, c) in enumerate(zip(ids, captions, strict=True))]
+        samples = samples_from_state(state)
         self.samples = samples[: self.capacity]
         self.seen = max(int(state.get("seen", len(samples))), len(self.samples))
         if "rng" in state:

@@ -26,7 +26,7 @@ from growclip_stream.checkpoint.state import python_rng_state, restore_python_rn
 from growclip_stream.data.decode import DecodePipeline, Routed, SettledStates
 from growclip_stream.data.pipeline import Batcher, Sample, collate, full_batches
 from growclip_stream.data.records import RecordError
-from growclip_stream.data.reservoir import Reservoir
+from growclip_stream.data.reservoir import Reservoir, samples_from_state, samples_state
 from growclip_stream.growth.budget import TRAIN_FLOPS_FACTOR
 from growclip_stream.growth.controller import GrowthController, GrowthEvent, GrowthPlan
 from growclip_stream.growth.pim import carry_optimizer_state
@@ -218,12 +218,14 @@ class OnlineLoop:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """What a restart needs beyond weights, optimizer and growth: the loop's generator and the
-        replay and held-out reservoirs (their samples as tensors; see ``Reservoir.state_dict``)."""
+        """What a restart needs beyond weights, optimizer and growth: the loop's generator, the
+        replay and held-out reservoirs and the recent samples the next search trains its
+        supernet on (their samples as tensors; see ``Reservoir.state_dict``)."""
         return {
             "rng": python_rng_state(self._rng),
             "replay": self.replay.state_dict(),
             "holdout": self.holdout.state_dict(),
+            "recent": samples_state(list(self.recent)),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -234,6 +236,9 @@ class OnlineLoop:
             self.replay.load_state_dict(state["replay"])
         if "holdout" in state:
             self.holdout.load_state_dict(state["holdout"])
+        if "recent" in state:
+            self.recent.clear()
+            self.recent.extend(samples_from_state(state["recent"]))
 
     @property
     def searching(self) -> bool:

@@ -101,7 +101,8 @@ def test_failing_periodic_checkpoints_never_stop_training_and_a_restart_resumes_
     assert manifest["run"]["reason"] == "shutdown"
     saved = load_file(str(root / latest / "loop.safetensors"))
     replay_saved, holdout_saved = len(saved["replay/images"]), len(saved["holdout/images"])
-    assert replay_saved > 0 and holdout_saved > 0
+    recent_saved = len(saved["recent/images"])
+    assert replay_saved > 0 and holdout_saved > 0 and recent_saved > 0
 
     # restart on the same root: every shard was read, so the reservoirs can only come from the checkpoint
     daemon = start(tmp_path, shards, root)
@@ -114,6 +115,7 @@ def test_failing_periodic_checkpoints_never_stop_training_and_a_restart_resumes_
         assert resumed["training"]["step"] == manifest["step"]
         assert resumed["training"]["replay_samples"] == replay_saved
         assert resumed["training"]["held_out_records"] == holdout_saved
+        assert resumed["training"]["recent_samples"] == recent_saved  # a search right away has data
         generation, step, run = resumed["version"].split(".")
         assert (int(generation), int(step)) == (0, manifest["step"])
         assert resumed["version"] != first_version and run != manifest["run"]["id"]
