@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -12,7 +13,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def broker_advertising(advertised_port: int, log_path: Path) -> Iterator[int]:
+    """A Tansu broker (memory storage) on a free port that advertises ``advertised_port``, where a
+    relay or proxy of the test listens, so every client connection after bootstrap goes through
+    it. Yields the broker's own port; stops it on exit."""
+    from growclip_daemon.broker import tansu_binary
+
+    plain = free_port()
+    with open(log_path, "wb") as log:
+        broker = subprocess.Popen(
+            [str(tansu_binary()), "broker", "--listener-url", f"tcp://127.0.0.1:{plain}",
+             "--advertised-listener-url", f"tcp://127.0.0.1:{advertised_port}",
+             "--storage-engine", "memory://tansu/"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "NO_COLOR": "1"},
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert broker.poll() is None, log_path.read_text()
+            try:
+                socket.create_connection(("127.0.0.1", plain), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "broker did not listen"
+                time.sleep(0.1)
+        yield plain
+    finally:
+        broker.send_signal(signal.SIGINT)  # Tansu stops at once
+        try:
+            broker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            broker.kill()
+            broker.wait()
 
 
 def _parent_pids() -> dict[int, int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import ssl
 import subprocess
@@ -19,12 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from growclip_daemon.broker import tansu_binary
 from growclip_daemon.config import load_config
 from growclip_stream.data.datasets import iter_records
 from growclip_stream.data.kafka_source import KafkaDeadLetter, KafkaSource, KafkaSourceConfig
 from growclip_stream.data.produce import ensure_topics, produce
-from tests.helpers import DAEMON, free_port
+from tests.helpers import DAEMON, broker_advertising, free_port
 
 
 class TlsTerminator:
@@ -106,34 +104,13 @@ def tls_broker(tmp_path: Path) -> Iterator[tuple[str, Path, TlsTerminator]]:
          "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
-    plain, tls_port = free_port(), free_port()
-    log = open(tmp_path / "tansu.log", "wb")  # noqa: SIM115 - closed below
-    broker = subprocess.Popen(
-        [str(tansu_binary()), "broker", "--listener-url", f"tcp://127.0.0.1:{plain}",
-         "--advertised-listener-url", f"tcp://127.0.0.1:{tls_port}", "--storage-engine", "memory://tansu/"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"},
-    )  # fmt: skip
-    terminator = TlsTerminator(tls_port, plain, cert, key)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert broker.poll() is None, (tmp_path / "tansu.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", plain), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "broker did not listen"
-                time.sleep(0.1)
-        yield f"127.0.0.1:{tls_port}", cert, terminator
-    finally:
-        terminator.close()
-        broker.send_signal(2)  # SIGINT: Tansu stops at once
+    tls_port = free_port()
+    with broker_advertising(tls_port, tmp_path / "tansu.log") as plain:
+        terminator = TlsTerminator(tls_port, plain, cert, key)
         try:
-            broker.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait()
-        log.close()
+            yield f"127.0.0.1:{tls_port}", cert, terminator
+        finally:
+            terminator.close()
 
 
 @pytest.mark.slow

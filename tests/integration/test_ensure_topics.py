@@ -4,11 +4,8 @@ proxy: one "socket disconnected" failed the whole start)."""
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
-import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +13,8 @@ from pathlib import Path
 import pytest
 from kafka import KafkaAdminClient
 
-from growclip_daemon.broker import tansu_binary
 from growclip_stream.data.produce import ensure_topics
-from tests.helpers import free_port
+from tests.helpers import broker_advertising, free_port
 
 
 class DroppingRelay:
@@ -72,32 +68,9 @@ class DroppingRelay:
 @pytest.fixture
 def broker_behind_relay(tmp_path: Path) -> Iterator[tuple[int, int]]:
     """(the broker's own port, the relay port it advertises: every client connection goes through it)."""
-    plain, relay_port = free_port(), free_port()
-    with open(tmp_path / "tansu.log", "wb") as log:
-        broker = subprocess.Popen(
-            [str(tansu_binary()), "broker", "--listener-url", f"tcp://127.0.0.1:{plain}",
-             "--advertised-listener-url", f"tcp://127.0.0.1:{relay_port}", "--storage-engine", "memory://tansu/"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "NO_COLOR": "1"},
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert broker.poll() is None, (tmp_path / "tansu.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", plain), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "broker did not listen"
-                time.sleep(0.1)
+    relay_port = free_port()
+    with broker_advertising(relay_port, tmp_path / "tansu.log") as plain:
         yield plain, relay_port
-    finally:
-        broker.send_signal(2)
-        try:
-            broker.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait()
 
 
 def test_topic_creation_retries_a_connection_dropped_mid_request(
