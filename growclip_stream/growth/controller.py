@@ -314,7 +314,7 @@ class GrowthController:
         )  # fmt: skip
         phases["selection_s"] = time.perf_counter() - start
         scored = sum(len(b) for b in holdout_batches)
-        scoring_flops = float(scored * (model.arch.flops_per_sample() + sum(c.flops for c in candidates)))
+        scoring_flops = scored * self._search_costs(model.arch)[1]  # base + every candidate, per sample
         self.work.add_growth(
             phases["supernet_s"] + phases["selection_s"], supernet.flops + scoring_flops, search=True
         )
@@ -355,6 +355,10 @@ class GrowthController:
             self._costs = (arch, candidates, per_sample, members)
         return self._costs[1], self._costs[2], self._costs[3]
 
+    def _min_supernet_steps(self) -> int:
+        """The fewest supernet steps a search is worth running (never more than it would run)."""
+        return min(self.cfg.min_supernet_steps, self.cfg.supernet_steps)
+
     def search_wait(self, arch: ArchConfig, batch_size: int) -> str:
         """Why a search due now must wait for its budget ("" when it may run now).
 
@@ -367,7 +371,7 @@ class GrowthController:
         candidates, per_sample, sample_flops = self._search_costs(arch)
         if not candidates:
             return ""  # the search itself refuses, with its reason
-        min_steps = min(self.cfg.min_supernet_steps, self.cfg.supernet_steps)
+        min_steps = self._min_supernet_steps()
         need = self.cfg.selection_samples * per_sample + min_steps * batch_size * sample_flops
         allow_flops, allow_s = self.work.allowance(self.cfg.search_budget_fraction)
         pace = self.work.search_seconds_per_flop()
@@ -408,7 +412,7 @@ class GrowthController:
             "forced": forced, "allowance_flops": _finite_or_none(allow_flops),
             "allowance_s": _finite_or_none(allow_s), "planned_steps": max(steps, 0), "scored_samples": scored,
         }  # fmt: skip
-        min_steps = min(self.cfg.min_supernet_steps, self.cfg.supernet_steps)
+        min_steps = self._min_supernet_steps()
         if steps < min_steps:
             self.last_refusal = (
                 f"search budget: {allow_flops:.3g} FLOPs and {allow_s:.3g} s left of search_budget_fraction "
