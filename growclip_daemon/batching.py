@@ -1,10 +1,14 @@
 """Dynamic batching: concurrent embedding requests share one forward pass per modality.
 
 One :class:`Batcher` per modality owns a worker thread. A request's items go into a bounded queue
-as one job; the worker takes the oldest job, waits at most ``max_wait_s`` (from that job's arrival)
-for more, then runs every job it took on the same snapshot as one forward pass and hands each
-request its rows. While a forward pass runs, new jobs queue up, so under load batches fill without
-waiting at all; at low load a request pays at most ``max_wait_s`` extra.
+as one job; the worker takes the oldest job and every job queued behind it on the same snapshot
+(up to ``max_batch_items``), runs them as one forward pass and hands each request its rows. While a
+forward pass runs, new jobs queue up, so under load batches fill without any timer, and a lone
+request runs at once. ``max_wait_s`` > 0 makes the first job wait that long (from its arrival)
+for company: bigger batches where a forward pass has a large fixed cost, at the price of that
+wait for every request at low load. Off by default: on 2 CPU cores a 5 ms wait cut one client's
+throughput 2.5x, and at 8 and 32 clients it was within 20% of no wait, ahead in some cells and
+behind in others.
 
 Admission is decided before any work is done for a request:
 
@@ -71,7 +75,7 @@ class Overloaded(Exception):
 class BatchLimits:
     batching: bool = True  # False: every request runs its own forward pass
     max_batch_items: int = 64  # items per forward pass (a larger request runs alone)
-    max_wait_s: float = 0.005  # longest a first job waits for company
+    max_wait_s: float = 0.0  # longest a first job waits for company (0: run what is queued)
     max_queue_items: int = 1024  # items queued at once; past that, 429
     timeout_s: float = 10.0  # a request's deadline in the queue; past it, 503
     threads: int = 1  # intra-op (OpenMP) threads of each batcher thread; the trainer's pool is untouched

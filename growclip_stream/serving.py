@@ -43,7 +43,7 @@ from PIL import ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 from growclip_stream.data.images import ImageTransform, normalize_batch
 from growclip_stream.data.records import RecordError, RecordLimits, sniff_content_type
 from growclip_stream.model.clip import ArchConfig, GrowCLIP
-from growclip_stream.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, ByteTokenizer
+from growclip_stream.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, ByteTokenizer, trim_padding
 
 MAX_LOGIT_SCALE = 100.0
 """Upper bound of the softmax temperature ``exp(logit_scale)``, as in CLIP."""
@@ -202,7 +202,10 @@ class ModelSnapshot:
         return out
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, embed_dim) float32 L2-normalised text embeddings of (N, T) token ids."""
+        """(N, embed_dim) float32 L2-normalised text embeddings of (N, T) token ids. The padding
+        after the longest text is not run (:func:`trim_padding`: exact, and half the work for short
+        captions)."""
+        tokens = trim_padding(tokens)
         with self._infer():
             return self.model.encode_text(tokens.to(self.device, non_blocking=True)).float().cpu()
 

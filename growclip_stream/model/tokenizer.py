@@ -10,6 +10,9 @@ Ids: 0..255 are the bytes, then three special tokens. A sequence is
 ``BOS, bytes..., EOS, PAD, PAD, ...`` of exactly ``context_length`` ids. Long captions are cut to
 ``context_length - 2`` bytes, at a character boundary, so that EOS (the token the text tower pools)
 is always present.
+
+A batch can be cut after its longest caption (:func:`trim_padding`) without changing any
+embedding: the text tower is causal and pools the first EOS.
 """
 
 from __future__ import annotations
@@ -28,6 +31,21 @@ def _truncate_utf8(data: bytes, limit: int) -> bytes:
         return data
     # Decoding with errors="ignore" drops only the incomplete sequence at the cut.
     return data[:limit].decode("utf-8", errors="ignore").encode("utf-8")
+
+
+def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens`` (B, T) cut after the batch's last first-EOS: the same embeddings, less work.
+
+    Why it is exact: under causal attention a position sees only the ones before it, and the text
+    tower reads out each row at its first EOS, so the columns after every row's first EOS never
+    reach an output. Captions are short (a Fashion-MNIST caption is ~27 tokens of the 64), so a
+    forward pass over the trimmed batch costs about half. A row without EOS is read out at
+    position 0 and keeps at least that column. A CPU tensor: the cut length is read on the host.
+    """
+    if tokens.numel() == 0:
+        return tokens
+    first_eos = (tokens == EOS_ID).int().argmax(dim=1)  # (B,) 0 where a row has none
+    return tokens[:, : int(first_eos.max()) + 1]
 
 
 class ByteTokenizer:

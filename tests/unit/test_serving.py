@@ -81,6 +81,26 @@ def test_embed_texts_shape_norm_and_determinism(snap: ModelSnapshot) -> None:
     assert snap.text_token_counts(["ab", "", "x" * 500]) == [4, 2, snap.arch.context_length]
 
 
+def test_texts_run_only_up_to_the_longest_and_embed_as_if_padded(snap: ModelSnapshot) -> None:
+    """Serving skips the padding after the batch's longest text; the embeddings are those of the
+    full-length padded batch (causal attention, read out at the first EOS)."""
+    texts = ["a red dress", "an ankle boot", "x"]
+    widths: list[int] = []
+    hook = snap.model.text.token_embed.register_forward_hook(
+        lambda m, args, out: widths.append(args[0].shape[1])
+    )
+    try:
+        emb = snap.embed_texts(texts)
+    finally:
+        hook.remove()
+    assert widths == [len("an ankle boot") + 2]
+    padded = snap.tokenize(texts)
+    assert padded.shape[1] == snap.arch.context_length
+    with torch.inference_mode():
+        full = snap.model.encode_text(padded)
+    assert torch.allclose(emb, full, atol=1e-5)
+
+
 def test_embed_images_matches_the_model_on_transformed_pixels(snap: ModelSnapshot) -> None:
     images = [png((200, 10, 10)), png((10, 10, 200), size=(28, 28))]
     emb = snap.embed_images(images, LIMITS)

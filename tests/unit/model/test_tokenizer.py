@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from growclip_stream.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
+from growclip_stream.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer, trim_padding
 
 
 def test_ids_and_shape() -> None:
@@ -47,3 +47,13 @@ def test_bad_arguments() -> None:
         ByteTokenizer(1)
     with pytest.raises(TypeError):
         ByteTokenizer(8).encode("not a list")
+
+
+def test_trim_padding_cuts_after_the_longest_texts_first_eos() -> None:
+    tokens = ByteTokenizer(16).encode(["ab", "abcd", ""])
+    trimmed = trim_padding(tokens)
+    assert trimmed.shape == (3, 6)  # BOS, 4 bytes, EOS of the longest
+    assert torch.equal(trimmed, tokens[:, :6])
+    no_eos = torch.tensor([[BOS_ID, 97, 98, PAD_ID], [BOS_ID, EOS_ID, PAD_ID, PAD_ID]])
+    assert trim_padding(no_eos).shape == (2, 2)  # the row without EOS is read at position 0
+    assert trim_padding(torch.zeros((0, 16), dtype=torch.int64)).shape == (0, 16)
