@@ -224,6 +224,55 @@ def median_cells(cells: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, 
     }
 
 
+# -- what merging forward passes can save ---------------------------------------------------------
+
+
+def forward_costs(model: str, sizes: tuple[int, ...] = (1, 8, 32), seconds: float = 1.0) -> dict[str, Any]:
+    """Per-item time of the snapshot's forward pass at each batch size, on one intra-op thread as a
+    batcher runs it, in this process before any daemon starts (a quiet machine). ``ceiling`` is the
+    batch-1 time over the largest batch's: what batching can gain at most from the forward pass
+    itself, before any HTTP or contention effect."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from growclip_daemon.config import load_config
+    from growclip_stream.data.datasets import iter_records
+    from growclip_stream.data.records import RecordLimits
+    from growclip_stream.model.clip import GrowCLIP
+    from growclip_stream.serving import ModelSnapshot
+
+    arch = load_config(CONFIG, [f"{k}={v}" for k, v in MODELS[model].items()]).model
+    torch.manual_seed(0)
+    snap = ModelSnapshot.capture(GrowCLIP(arch), generation=0, step=0, samples_trained=0, growth_history=[])
+    records = []
+    for record in iter_records("fashion-mnist", split="test", seed=7):
+        records.append(record)
+        if len(records) >= max(sizes):
+            break
+    out: dict[str, Any] = {}
+    with threadpool_limits(limits=1, user_api="openmp"):
+        for kind in ("text", "image"):
+            per_item: dict[str, float] = {}
+            for n in sizes:
+                if kind == "text":
+                    x = snap.tokenize([r.caption for r in records[:n]])
+                    run = snap.embed_tokens
+                else:
+                    x = snap.decode_images([r.image for r in records[:n]], RecordLimits())
+                    run = snap.embed_pixels
+                run(x)  # warm-up
+                calls, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < seconds:
+                    run(x)
+                    calls += 1
+                per_item[str(n)] = round(1000 * (time.perf_counter() - t0) / (calls * n), 3)
+            out[kind] = {
+                "ms_per_item": per_item,
+                "ceiling": round(per_item[str(sizes[0])] / per_item[str(sizes[-1])], 2),
+            }
+    return out
+
+
 # -- the daemon -----------------------------------------------------------------------------------
 
 
@@ -310,7 +359,8 @@ def run_model(model: str, timing: Timing, workdir: Path) -> dict[str, Any]:
     """Both arms side by side: two daemons training at once, cells interleaved between them (the
     order alternating by pass), so the machine's other load falls on both arms alike."""
     daemons: dict[str, DaemonRun] = {}
-    result: dict[str, Any] = {"model": model, "arms": {}}
+    result: dict[str, Any] = {"model": model, "forward_costs": forward_costs(model), "arms": {}}
+    print(f"[{model}] forward pass per item (ms): {result['forward_costs']}", flush=True)
     try:
         for arm in ARMS:
             (workdir / arm).mkdir()
@@ -367,14 +417,17 @@ def _batch_sizes(d: DaemonRun) -> dict[str, float | None]:
 
 
 def _growth(d: DaemonRun, timing: Timing, workdir: Path) -> dict[str, Any]:
-    generation = d.model()["generation"]
+    """Serving latency while a forced growth runs: from the admin call until its event is recorded.
+    The search may decline (no candidate beats the base by more than the noise): serving bore the
+    search's load either way, and the outcome is reported."""
+    events = len(d.model()["growth_history"])
     total_s = timing.steady_s + 900
     proc, out = start_clients(d.base, 8, total_s, "mixed", workdir)
     time.sleep(2 + timing.steady_s)  # 2 s for the clients to connect
     t_grow = time.time()
     resp = d.client.post("/admin/grow", headers={"Authorization": f"Bearer {d.token}"})
     resp.raise_for_status()
-    m = d.wait_for(lambda: (m := d.model())["generation"] > generation and m, 900, "the forced growth")
+    m = d.wait_for(lambda: len((m := d.model())["growth_history"]) > events and m, 900, "the forced growth")
     event = m["growth_history"][-1]
     t_done = float(event["finished_at"])
     time.sleep(3)  # then the clients stop
@@ -387,6 +440,7 @@ def _growth(d: DaemonRun, timing: Timing, workdir: Path) -> dict[str, Any]:
     return {
         "clients": 8,
         "growth_s": round(t_done - t_grow, 1),
+        "outcome": event.get("outcome"),
         "ops": event.get("ops"),
         "steady": steady,
         "during_growth": during,

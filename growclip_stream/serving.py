@@ -31,6 +31,7 @@ import contextlib
 import copy
 import io
 import math
+import struct
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -60,10 +61,19 @@ class TokenIds(tuple[int, ...]):
     """A text given as ids of the byte tokenizer (0..255, the UTF-8 bytes), not as a string."""
 
 
+_PNG_IHDR_START = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"  # signature, IHDR's length (13) and type
+
+
 def claimed_pixels(data: bytes) -> int:
     """Width x height that an encoded image's header claims, read without decoding any pixel (a
     request's pixel budget is checked before its images are decoded). 0 when the header cannot be
-    read: the decoder then rejects the image with its precise reason."""
+    read: the decoder then rejects the image with its precise reason.
+
+    A PNG's size is read from its first chunk (IHDR, which the format requires first) directly:
+    Pillow's header parse walks every chunk before the pixels and cost 8% of the event loop."""
+    if data[:16] == _PNG_IHDR_START and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return int(width) * int(height)
     try:
         width, height = _HEADER_READERS[sniff_content_type(data)](io.BytesIO(data)).size
     except Exception:  # RecordError (not an image); Pillow's SyntaxError, OSError, struct.error, ...
@@ -183,8 +193,8 @@ class ModelSnapshot:
 
     def text_token_counts(self, texts: Sequence[str | TokenIds]) -> list[int]:
         """Tokens each text feeds the model (BOS and EOS included, after truncation)."""
-        tokens = self.tokenize(texts)  # (N, T)
-        return (tokens != PAD_ID).sum(dim=1).tolist()
+        ctx = self.arch.context_length
+        return [self._tokenizer.length(t) if isinstance(t, str) else min(len(t), ctx - 2) + 2 for t in texts]
 
     def tokenize(self, texts: Sequence[str | TokenIds]) -> torch.Tensor:
         """(N, context_length) ids: strings through the byte tokenizer, :class:`TokenIds` as given

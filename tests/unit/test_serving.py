@@ -14,7 +14,7 @@ from PIL import Image
 
 from growclip_stream.data.records import RecordError, RecordLimits
 from growclip_stream.model.clip import ArchConfig, GrowCLIP, TowerConfig
-from growclip_stream.serving import ImageItemError, ModelSnapshot, SnapshotStore, json_safe
+from growclip_stream.serving import ImageItemError, ModelSnapshot, SnapshotStore, claimed_pixels, json_safe
 
 LIMITS = RecordLimits()
 
@@ -99,6 +99,21 @@ def test_texts_run_only_up_to_the_longest_and_embed_as_if_padded(snap: ModelSnap
     with torch.inference_mode():
         full = snap.model.encode_text(padded)
     assert torch.allclose(emb, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_claimed_pixels_reads_the_header_of_each_format(fmt: str) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (321, 47), (1, 2, 3)).save(buf, fmt)
+    assert claimed_pixels(buf.getvalue()) == 321 * 47
+
+
+def test_claimed_pixels_of_what_is_not_a_readable_header_is_zero() -> None:
+    data = png((9, 9, 9), size=(300, 200))
+    assert claimed_pixels(data[:20]) == 0  # a PNG cut inside its first chunk
+    assert claimed_pixels(b"GIF89a" + bytes(40)) == 0
+    assert claimed_pixels(b"") == 0
+    assert claimed_pixels(data[:24]) == 300 * 200  # the size is all the header needs
 
 
 def test_embed_images_matches_the_model_on_transformed_pixels(snap: ModelSnapshot) -> None:

@@ -57,3 +57,11 @@ def test_trim_padding_cuts_after_the_longest_texts_first_eos() -> None:
     no_eos = torch.tensor([[BOS_ID, 97, 98, PAD_ID], [BOS_ID, EOS_ID, PAD_ID, PAD_ID]])
     assert trim_padding(no_eos).shape == (2, 2)  # the row without EOS is read at position 0
     assert trim_padding(torch.zeros((0, 16), dtype=torch.int64)).shape == (0, 16)
+
+
+@pytest.mark.parametrize("context_length", [2, 5, 16, 64])
+def test_length_counts_what_encode_gives_without_encoding(context_length: int) -> None:
+    tok = ByteTokenizer(context_length)
+    texts = ["", "ab", "an ankle boot", "é" * 40, "x" * 500, "\ud800 lone surrogate", "日本語のキャプション"]
+    encoded = tok.encode(texts)
+    assert [tok.length(t) for t in texts] == (encoded != PAD_ID).sum(dim=1).tolist()
