@@ -285,6 +285,7 @@ def free_port() -> int:
 class DaemonRun:
     def __init__(self, arm: str, model: str, workdir: Path, extra: dict[str, str] | None = None) -> None:
         self.port = free_port()
+        self.control_port = free_port()
         self.broker_port = free_port()
         self.topic = f"bench.serving.{arm}.{secrets.token_hex(4)}"
         self.base = f"http://127.0.0.1:{self.port}"
@@ -292,6 +293,7 @@ class DaemonRun:
         self.log_path = workdir / "daemon.log"
         self.overrides = {
             "serve.port": str(self.port),
+            "serve.control_port": str(self.control_port),
             "serve.batching": ARMS[arm],
             "pidfile": str(workdir / "daemon.pid"),
             "checkpoint.root": str(workdir / "checkpoints"),
@@ -451,11 +453,18 @@ def _growth(d: DaemonRun, timing: Timing, workdir: Path) -> dict[str, Any]:
 def _overload(d: DaemonRun, timing: Timing, workdir: Path) -> dict[str, Any]:
     proc, out = start_clients(d.base, 64, timing.overload_s, "heavy", workdir)
     time.sleep(3)  # connected, queues full
-    probes: dict[str, list[float]] = {"/healthz": [], "/v1/model": []}
+    # the main port (whose loop parses the flood) and the control listener (its own loop thread)
+    probes: dict[str, list[float]] = {
+        "/healthz": [], "/v1/model": [], "control /healthz": [], "control /v1/model": []
+    }  # fmt: skip
     errors = 0
-    with httpx.Client(base_url=d.base, timeout=30) as c:
+    with (
+        httpx.Client(base_url=d.base, timeout=30) as main,
+        httpx.Client(base_url=f"http://127.0.0.1:{d.control_port}", timeout=30) as control,
+    ):
         while proc.poll() is None:
-            for path, seen in probes.items():
+            for probe, seen in probes.items():
+                c, path = (control, probe.split()[1]) if probe.startswith("control ") else (main, probe)
                 p0 = time.perf_counter()
                 if c.get(path).status_code != 200:
                     errors += 1

@@ -81,13 +81,15 @@ def stop(
 
 
 def serve_url(cfg: DaemonConfig) -> str:
-    """The base URL of the HTTP API a daemon started with ``cfg`` listens on."""
+    """The base URL a daemon started with ``cfg`` answers status on: its control listener where it
+    has one (it answers while the main port is flooded), else the HTTP API's port."""
     host = cfg.serve.host
     if host in ("0.0.0.0", "", "::"):  # listening everywhere: ask it on loopback
         host = "127.0.0.1" if host != "::" else "::1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{cfg.serve.port}"
+    port = cfg.serve.control_port if cfg.serve.control_port is not None else cfg.serve.port
+    return f"http://{host}:{port}"
 
 
 @app.command()
@@ -97,7 +99,10 @@ def status(
     url: Annotated[
         str | None,
         typer.Option(
-            help="Base URL of the daemon's HTTP API (default: serve.host and serve.port of the config)."
+            help=(
+                "Base URL of the daemon's HTTP API (default: serve.host and serve.control_port, "
+                "else serve.port, of the config)."
+            )
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print GET /v1/model as JSON.")] = False,

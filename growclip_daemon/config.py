@@ -96,6 +96,10 @@ class DataSettings(Strict):
 class ServeSettings(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)  # 0 = a free port (tests)
+    # A second listener with its own event loop thread for the control routes (health, readiness,
+    # metrics, /v1/model, /v1/models, admin), so probes never queue behind embedding requests on the
+    # main port's loop; None = the main port serves them alone. Point probes and scrapes at it.
+    control_port: int | None = Field(None, ge=0, le=65535)
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_items: int = Field(256, ge=1)
     max_text_chars: int = Field(4096, ge=1)

@@ -30,7 +30,7 @@ from growclip_daemon.broker import EmbeddedBroker
 from growclip_daemon.config import DaemonConfig
 from growclip_daemon.drift import DriftMonitor, load_probes
 from growclip_daemon.evaluator import EvaluatorService
-from growclip_daemon.http import AppState, HttpServer, ServeLimits, build_app
+from growclip_daemon.http import AppState, HttpServer, ServeLimits, build_app, control_only
 from growclip_daemon.lock import AlreadyRunning, RootLock, lock_path
 from growclip_daemon.metrics import Metrics
 from growclip_daemon.service import Service, ServiceTree, ThreadService
@@ -115,17 +115,37 @@ class HttpService(Service):
 
     def __init__(self, cfg: DaemonConfig, state: AppState) -> None:
         super().__init__()
-        self.server = HttpServer(build_app(state), cfg.serve.host, cfg.serve.port)
+        app = build_app(state)
+        self.server = HttpServer(app, cfg.serve.host, cfg.serve.port)
+        self.control: HttpServer | None = None
+        if cfg.serve.control_port is not None:  # the main server's lifespan runs the batchers
+            self.control = HttpServer(
+                control_only(app), cfg.serve.host, cfg.serve.control_port, lifespan=False, name="http-control"
+            )
 
     def on_start(self) -> None:
         self.server.start()
-        log.info("serving", extra={"url": f"http://{self.server.host}:{self.server.port}"})
+        if self.control is not None:
+            self.control.start()
+        log.info(
+            "serving",
+            extra={
+                "url": f"http://{self.server.host}:{self.server.port}",
+                "control_url": f"http://{self.control.host}:{self.control.port}" if self.control else None,
+            },
+        )
 
     def on_stop(self) -> None:
+        if self.control is not None:
+            self.control.stop()
         self.server.stop()
 
     def failure(self) -> str | None:
-        return None if self.server.alive else "server thread exited"
+        if not self.server.alive:
+            return "server thread exited"
+        if self.control is not None and not self.control.alive:
+            return "control server thread exited"
+        return None
 
 
 def serve_limits(cfg: DaemonConfig) -> ServeLimits:

@@ -883,9 +883,31 @@ class _RequestMetrics:
 # server
 
 
+CONTROL_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/v1/model", "/v1/models"})
+CONTROL_PREFIXES = ("/v1/models/", "/admin/")
+
+
+def control_only(app: ASGIApp) -> ASGIApp:
+    """``app`` answering only the control routes (``CONTROL_ROUTES`` and under ``CONTROL_PREFIXES``);
+    any other path gets 404 naming the main port. For the control listener: its loop never parses
+    an embedding request, so a probe there waits only for its turn at the GIL."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path not in CONTROL_ROUTES and not path.startswith(CONTROL_PREFIXES):
+            message = f"{path[:80]!r} is not a control route; it is served on serve.port"
+            await error_response(404, message, "not_found")(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return wrapped
+
+
 class HttpServer:
     """uvicorn serving ``app`` from a thread. ``start`` binds (``port`` 0 picks a free port) and
-    listens before it returns; ``stop`` finishes in-flight requests and joins the thread."""
+    listens before it returns; ``stop`` finishes in-flight requests and joins the thread.
+    ``lifespan`` False: the app's startup and shutdown are another server's (the same app served
+    twice starts its batchers once)."""
 
     def __init__(
         self,
@@ -893,12 +915,16 @@ class HttpServer:
         host: str,
         port: int,
         *,
+        lifespan: bool = True,
+        name: str = "http-server",
         graceful_timeout_s: float = 5.0,
         start_timeout_s: float = 30.0,
     ) -> None:
         self.host = host
         self.port = port
         self._app = app
+        self._lifespan = lifespan
+        self._name = name
         self._graceful_timeout_s = graceful_timeout_s
         self._start_timeout_s = start_timeout_s
         self._server: uvicorn.Server | None = None
@@ -921,10 +947,11 @@ class HttpServer:
                 # the server never closes a kept-alive connection just as a client reuses it.
                 timeout_keep_alive=KEEP_ALIVE_S,
                 server_header=False,
+                lifespan="auto" if self._lifespan else "off",
             )
             server = uvicorn.Server(config)
             thread = threading.Thread(
-                target=server.run, kwargs={"sockets": [sock]}, name="http-server", daemon=True
+                target=server.run, kwargs={"sockets": [sock]}, name=self._name, daemon=True
             )
             self._sock, self._server, self._thread = sock, server, thread
             thread.start()
@@ -937,7 +964,12 @@ class HttpServer:
                     self._stop_locked()
                     raise RuntimeError(f"HTTP server on {self.host}:{self.port} did not start in time")
                 time.sleep(0.01)
-            log.info("HTTP API listening on %s:%d", self.host, self.port)
+            log.info(
+                "HTTP %s listening on %s:%d",
+                "API" if self._lifespan else "control routes",
+                self.host,
+                self.port,
+            )
 
     @property
     def alive(self) -> bool:

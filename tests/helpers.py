@@ -228,12 +228,14 @@ def consume_topic(bootstrap: str, topic: str, n: int, timeout_s: float = 20.0) -
 class Daemon:
     """`growclip-daemon start` as a child process, with its log, HTTP client and checkpoints."""
 
-    def __init__(self, tmp: Path, *settings: str, config: Path | None = None) -> None:
+    def __init__(self, tmp: Path, *settings: str, config: Path | None = None, control: bool = False) -> None:
         self.tmp = tmp
         self.port = free_port()
+        self.control_port = free_port() if control else None  # serve.control_port: the control listener
         args = ["start", *(["--config", str(config)] if config else [])]
         defaults = [
             f"serve.port={self.port}",
+            *([f"serve.control_port={self.control_port}"] if self.control_port else []),
             f"pidfile={tmp / 'daemon.pid'}",
             f"checkpoint.root={tmp / 'ckpt'}",
         ]

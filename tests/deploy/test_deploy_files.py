@@ -243,11 +243,17 @@ def test_statefulset_probes_volume_gpu_and_grace_period_agree_with_the_daemon(tm
     config_path = PurePosixPath(args[args.index("--config") + 1])
     (tmp_path / "config.yaml").write_text(cm["data"][config_path.name])
     cfg = load_config(tmp_path / "config.yaml")  # as the daemon loads it: defaults, unknown keys refused
-    # port, probes
-    (port,) = container["ports"]
-    assert port["containerPort"] == cfg.serve.port and cfg.serve.host == "0.0.0.0"
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    # ports; the probes go to the control listener (they never queue behind embedding requests)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert (
+        ports == {"http": cfg.serve.port, "control": cfg.serve.control_port} and cfg.serve.host == "0.0.0.0"
+    )
+    for probe, path in (
+        ("startupProbe", "/healthz"),
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+    ):
+        assert container[probe]["httpGet"] == {"path": path, "port": "control"}
     # the config map is mounted where --config points; the state volume where checkpoints and pidfile go
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     config_volume = next(
@@ -293,7 +299,8 @@ def test_service_monitor_scrapes_the_metrics_route_of_the_service() -> None:
     pod_labels = sts["spec"]["template"]["metadata"]["labels"]
     for s in services:
         assert s["spec"]["selector"].items() <= pod_labels.items()
-        assert all(p["targetPort"] == "http" for p in s["spec"]["ports"])
+        assert {p["targetPort"] for p in s["spec"]["ports"]} == {"http", "control"}
+    assert endpoint["port"] == "control"  # the scrape, like the probes, on the control listener
 
 
 def test_every_route_the_deployments_probe_is_served() -> None:
@@ -302,6 +309,7 @@ def test_every_route_the_deployments_probe_is_served() -> None:
     source = Path(http.__file__).read_text()
     for route in (*HEALTH_ROUTES, "/metrics"):
         assert f'"{route}"' in source, route
+        assert route in http.CONTROL_ROUTES, route  # served on the control listener too
 
 
 def test_dockerfile_dependency_step_installs_the_runtime_dependencies_at_their_pins(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from growclip_daemon.http import (
     HttpServer,
     ServeLimits,
     build_app,
+    control_only,
     error_type,
 )
 from growclip_daemon.metrics import Metrics
@@ -584,6 +585,41 @@ def test_stop_releases_the_port_and_is_idempotent() -> None:
         httpx.get(f"http://127.0.0.1:{port}/healthz")
 
 
+def test_the_control_listener_serves_control_routes_of_the_same_app_and_nothing_else(
+    snap0: ModelSnapshot,
+) -> None:
+    """A second listener (its own loop thread) answers health, status, metrics and the model list
+    from the same state; embedding routes stay on the main port, whose lifespan runs the batchers."""
+    state = AppState(store=SnapshotStore(), metrics=Metrics(), limits=LIMITS, admin_token="t0ken")
+    app = build_app(state)
+    main = HttpServer(app, "127.0.0.1", 0)
+    control = HttpServer(control_only(app), "127.0.0.1", 0, lifespan=False, name="http-control")
+    main.start()
+    control.start()
+    try:
+        state.store.publish(snap0)
+        with httpx.Client(base_url=f"http://127.0.0.1:{control.port}", timeout=30) as c:
+            assert c.get("/healthz").status_code == 200
+            assert c.get("/readyz").status_code == 200
+            assert c.get("/v1/model").json()["version"] == snap0.version
+            assert c.get("/v1/models").json()["data"]
+            assert c.get(f"/v1/models/{c.get('/v1/models').json()['data'][0]['id']}").status_code == 200
+            assert "growclip_http_requests_total" in c.get("/metrics").text
+            assert c.post("/admin/pause").status_code == 401  # the admin routes, with their auth
+            for path in ("/v1/embeddings", "/v1/rank", "/openapi.json", "/v1/modelz"):
+                resp = c.post(path, json={"input": "a shoe"}) if path.startswith("/v1/") else c.get(path)
+                err = assert_error(resp, 404, "not_found", contains="serve.port")
+                assert path in err["message"]
+        with httpx.Client(base_url=f"http://127.0.0.1:{main.port}", timeout=30) as m:
+            assert vectors(embed(m, ["a shoe"])).shape == (1, snap0.arch.embed_dim)  # batchers run
+            control.stop()
+            assert vectors(embed(m, ["a shoe"])).shape == (1, snap0.arch.embed_dim)  # still running
+    finally:
+        control.stop()
+        main.stop()
+    assert not main.alive and not control.alive
+
+
 def test_port_in_use_fails_loudly() -> None:
     state = AppState(store=SnapshotStore(), metrics=Metrics(), limits=LIMITS)
     first = HttpServer(build_app(state), "127.0.0.1", 0)
@@ -787,3 +823,9 @@ def test_status_cli_asks_the_configured_address_and_prints_a_summary(
     other.write_text("serve:\n  port: 1\n")  # nothing listens there: a clear error, exit 1
     down = runner.invoke(cli_app, [*cli[:-1], str(other)])
     assert down.exit_code == 1 and "cannot reach http://127.0.0.1:1" in down.stderr
+
+    # with a control listener configured, status asks it (it answers while the main port is flooded)
+    with_control = tmp_path / "control.yaml"
+    with_control.write_text(f"serve:\n  host: 127.0.0.1\n  port: 1\n  control_port: {api.server.port}\n")
+    via_control = runner.invoke(cli_app, ["status", "--config", str(with_control), "--json"])
+    assert via_control.exit_code == 0 and json.loads(via_control.stdout)["model"] == "growclip@1.100"

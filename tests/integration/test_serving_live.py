@@ -58,6 +58,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
             "serve.gil_switch_interval_ms=1.5",
             "log_format=json",
             config=ROOT / "configs" / "demo.yaml",
+            control=True,
         )
     finally:
         os.environ.pop(TOKEN_ENV, None)
@@ -252,11 +253,18 @@ def test_far_past_capacity_only_200_429_503_and_health_stays_fast(daemon: Daemon
         stdout=subprocess.PIPE,
         text=True,
     )
-    probes: dict[str, list[float]] = {"/healthz": [], "/v1/model": []}
-    with httpx.Client(base_url=url, timeout=30) as c:
+    # on the main port (its loop parses the flood) and on the control listener (a loop of its own)
+    probes: dict[str, list[float]] = {
+        "/healthz": [], "/v1/model": [], "control /healthz": [], "control /v1/model": []
+    }  # fmt: skip
+    with (
+        httpx.Client(base_url=url, timeout=30) as main,
+        httpx.Client(base_url=f"http://127.0.0.1:{daemon.control_port}", timeout=30) as control,
+    ):
         time.sleep(2)  # the clients are connected and the queues full
         while load.poll() is None:
-            for path, seen in probes.items():
+            for probe, seen in probes.items():
+                c, path = (control, probe.split()[1]) if probe.startswith("control ") else (main, probe)
                 start = time.perf_counter()
                 resp = c.get(path)
                 seen.append(time.perf_counter() - start)
