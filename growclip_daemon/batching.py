@@ -7,7 +7,7 @@ forward pass runs, new jobs queue up, so under load batches fill without any tim
 request runs at once. ``max_wait_s`` > 0 makes the first job wait that long (from its arrival)
 for company: bigger batches where a forward pass has a large fixed cost, at the price of that
 wait for every request at low load. Off by default: on 2 CPU cores a 5 ms wait cut one client's
-throughput 2.5x, and at 8 and 32 clients it was within 20% of no wait, ahead in some cells and
+throughput 2.5x (idle daemon), and at 8 and 32 clients it was within 20% of no wait, ahead in some cells and
 behind in others.
 
 Admission is decided before any work is done for a request:

@@ -110,7 +110,7 @@ class ServeSettings(Strict):
     # dynamic batching: requests share forward passes of up to batch_max_items items: whatever
     # queued while the previous pass ran. batch_max_wait_ms > 0 makes a first request wait that
     # long for company (bigger batches, but a lone request pays the wait: at 1 client on 2 cores
-    # 5 ms cut throughput 2.5x); false = one forward pass per request
+    # 5 ms cut an idle daemon's throughput about 2.5x); false = one forward pass per request
     batching: bool = True
     batch_max_items: int = Field(64, ge=1)
     batch_max_wait_ms: float = Field(0.0, ge=0)
