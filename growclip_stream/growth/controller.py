@@ -359,6 +359,23 @@ class GrowthController:
         """The fewest supernet steps a search is worth running (never more than it would run)."""
         return min(self.cfg.min_supernet_steps, self.cfg.supernet_steps)
 
+    def _affordable_steps(
+        self, arch: ArchConfig, scored: int, batch_size: int, allow_flops: float, allow_s: float
+    ) -> int:
+        """Supernet steps an allowance pays for once `scored` held-out samples are scored: by FLOPs,
+        and by wall time at the searches' measured pace; at most `supernet_steps`, -1 when not even
+        the scoring fits. The one reckoning behind both `search_wait` and `_size_search`."""
+        _, per_sample, sample_flops = self._search_costs(arch)
+        pace = self.work.search_seconds_per_flop()
+        # what the wall-time allowance pays for, in FLOPs at the searches' pace
+        wall_flops = allow_s / pace if pace is not None and math.isfinite(allow_s) else math.inf
+        affordable = min(allow_flops, wall_flops) - scored * per_sample
+        if not math.isfinite(affordable):
+            return self.cfg.supernet_steps
+        if affordable < 0:
+            return -1
+        return min(self.cfg.supernet_steps, int(affordable // (batch_size * sample_flops)))
+
     def search_wait(self, arch: ArchConfig, batch_size: int) -> str:
         """Why a search due now must wait for its budget ("" when it may run now).
 
@@ -372,17 +389,17 @@ class GrowthController:
         if not candidates:
             return ""  # the search itself refuses, with its reason
         min_steps = self._min_supernet_steps()
-        need = self.cfg.selection_samples * per_sample + min_steps * batch_size * sample_flops
         allow_flops, allow_s = self.work.allowance(self.cfg.search_budget_fraction)
-        pace = self.work.search_seconds_per_flop()
-        need_s = need * pace if pace is not None else math.inf
-        if need <= allow_flops and need_s <= allow_s:
+        scored = self.cfg.selection_samples
+        if self._affordable_steps(arch, scored, batch_size, allow_flops, allow_s) >= min_steps:
             return ""
+        need = scored * per_sample + min_steps * batch_size * sample_flops
+        pace = self.work.search_seconds_per_flop()
+        need_s = f"~{need * pace:.1f} s" if pace is not None else "unknown seconds: no work measured yet"
         return (
-            f"search budget: a search of {min_steps} supernet steps and "
-            f"{self.cfg.selection_samples} scored samples needs {need:.3g} FLOPs (~{need_s:.1f} s); "
-            f"{allow_flops:.3g} FLOPs and {allow_s:.1f} s are left within search_budget_fraction "
-            f"{self.cfg.search_budget_fraction}"
+            f"search budget: a search of {min_steps} supernet steps and {scored} scored samples "
+            f"needs {need:.3g} FLOPs ({need_s}); {allow_flops:.3g} FLOPs and {allow_s:.1f} s are left "
+            f"within search_budget_fraction {self.cfg.search_budget_fraction}"
         )
 
     def _size_search(
@@ -397,17 +414,8 @@ class GrowthController:
         allow_flops, allow_s = (
             (math.inf, math.inf) if forced else self.work.allowance(self.cfg.search_budget_fraction)
         )
-        _, per_sample, sample_flops = self._search_costs(arch)
-        step_flops = batch_size * sample_flops
         scored = sum(len(b) for b in holdout)
-        scoring = scored * per_sample
-        pace = self.work.search_seconds_per_flop()
-        # what the wall-time allowance pays for, in FLOPs at the searches' pace
-        wall_flops = allow_s / pace if pace is not None and math.isfinite(allow_s) else math.inf
-        affordable = min(allow_flops, wall_flops) - scoring
-        steps = self.cfg.supernet_steps
-        if math.isfinite(affordable):
-            steps = min(steps, int(affordable // step_flops)) if affordable >= 0 else -1
+        steps = self._affordable_steps(arch, scored, batch_size, allow_flops, allow_s)
         figures = {
             "forced": forced, "allowance_flops": _finite_or_none(allow_flops),
             "allowance_s": _finite_or_none(allow_s), "planned_steps": max(steps, 0), "scored_samples": scored,
@@ -422,7 +430,8 @@ class GrowthController:
             return None
         deadline = None
         if math.isfinite(allow_s):
-            reserve = scoring * pace if pace is not None else 0.0
+            pace = self.work.search_seconds_per_flop()
+            reserve = scored * self._search_costs(arch)[1] * pace if pace is not None else 0.0
             deadline = time.perf_counter() + max(0.0, allow_s - reserve)
         return holdout, steps, deadline, figures
 
