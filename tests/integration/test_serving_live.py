@@ -287,10 +287,14 @@ def test_far_past_capacity_only_200_429_503_and_health_stays_fast(daemon: Daemon
         for path, seen in probes.items()
     }
     print(json.dumps({"answers": counts, "probes": summary}))
-    # The strict 100 ms figure is the benchmark's (bench/serving.py); CI runs beside other work on
-    # the same 2 cores, so the test bounds the median and gives p95 room.
+    # The control listener's loop parses none of the flood: its probes keep the 100 ms bound (p95,
+    # and a median far below it). The main port's loop parses every flooding request before it
+    # refuses it, so there probes queue behind them: bounded loosely, it must still answer.
+    # (bench/serving.py measures every probe on a quiet machine; CI runs beside other work.)
     for path, s in summary.items():
         assert s["n"] >= 20, (path, s)
-        assert s["median_ms"] < 100, (path, s)
-        assert s["p95_ms"] < 500, (path, s)
+        if path.startswith("control "):
+            assert s["median_ms"] < 50 and s["p95_ms"] < 100, (path, s)
+        else:
+            assert s["median_ms"] < 250 and s["p95_ms"] < 1000, (path, s)
     assert daemon.client.get("/healthz").status_code == 200
