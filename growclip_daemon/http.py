@@ -964,12 +964,7 @@ class HttpServer:
                     self._stop_locked()
                     raise RuntimeError(f"HTTP server on {self.host}:{self.port} did not start in time")
                 time.sleep(0.01)
-            log.info(
-                "HTTP %s listening on %s:%d",
-                "API" if self._lifespan else "control routes",
-                self.host,
-                self.port,
-            )
+            log.info("%s listening on %s:%d", self._name, self.host, self.port)
 
     @property
     def alive(self) -> bool:

@@ -44,7 +44,7 @@ from PIL import ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 from growclip_stream.data.images import ImageTransform, normalize_batch
 from growclip_stream.data.records import RecordError, RecordLimits, sniff_content_type
 from growclip_stream.model.clip import ArchConfig, GrowCLIP
-from growclip_stream.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, ByteTokenizer, trim_padding
+from growclip_stream.model.tokenizer import ByteTokenizer, trim_padding
 
 MAX_LOGIT_SCALE = 100.0
 """Upper bound of the softmax temperature ``exp(logit_scale)``, as in CLIP."""
@@ -191,25 +191,20 @@ class ModelSnapshot:
         total = _count(self.model)
         return {"image": image, "text": text, "shared": total - image - text, "total": total}
 
+    def _token_bytes(self, texts: Sequence[str | TokenIds]) -> list[bytes]:
+        """Each text's bytes as the model reads them: a string's UTF-8 cut at a character boundary,
+        :class:`TokenIds` as given (cut to the context plainly)."""
+        cut = self.arch.context_length - 2
+        return [self._tokenizer.truncate(t) if isinstance(t, str) else bytes(t[:cut]) for t in texts]
+
     def text_token_counts(self, texts: Sequence[str | TokenIds]) -> list[int]:
         """Tokens each text feeds the model (BOS and EOS included, after truncation)."""
-        ctx = self.arch.context_length
-        return [self._tokenizer.length(t) if isinstance(t, str) else min(len(t), ctx - 2) + 2 for t in texts]
+        return [len(row) + 2 for row in self._token_bytes(texts)]
 
     def tokenize(self, texts: Sequence[str | TokenIds]) -> torch.Tensor:
-        """(N, context_length) ids: strings through the byte tokenizer, :class:`TokenIds` as given
-        (cut to the context like a string's bytes), each framed by BOS and EOS."""
-        if all(isinstance(t, str) for t in texts):
-            return self._tokenizer.encode(list(texts))  # type: ignore[arg-type]
-        ctx = self.arch.context_length
-        out = torch.full((len(texts), ctx), PAD_ID, dtype=torch.int64)
-        for i, text in enumerate(texts):
-            if isinstance(text, str):
-                out[i] = self._tokenizer.encode([text])[0]
-            else:
-                ids = [BOS_ID, *text[: ctx - 2], EOS_ID]
-                out[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
-        return out
+        """(N, context_length) ids: strings through the byte tokenizer, :class:`TokenIds` as given,
+        each framed by BOS and EOS."""
+        return self._tokenizer.frame(self._token_bytes(texts))
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, embed_dim) float32 L2-normalised text embeddings of (N, T) token ids. The padding
